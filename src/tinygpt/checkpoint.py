@@ -1,0 +1,279 @@
+"""Run directories: what a training run writes, and how it is read back safely.
+
+    RUN/
+      run.json               resolved config, command line, library versions, format version
+      tokenizer.json         the tokenizer (JSON)
+      metrics.jsonl          one JSON line per loss report
+      latest.json, best.json pointers to the newest and the best-val checkpoint
+      checkpoints/step_000500/
+        model.safetensors    weights (float32, the uncompiled module's names)
+        optimizer.pt         optimizer state: tensors and numbers only (loaded weights_only)
+        state.json           step, best val loss, schedule position, every RNG state
+
+Crash safety: a checkpoint directory is written under a temporary name, every file fsynced,
+then renamed into place; only then is the pointer file replaced (write temp, fsync, rename).
+A pointer therefore always names a complete checkpoint, whenever the process dies.
+Nothing here unpickles arbitrary objects: weights come from safetensors, metadata from JSON,
+and the optimizer file is read with `torch.load(weights_only=True)`.
+"""
+
+import base64
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tinygpt import config as C
+from tinygpt.errors import UserError
+from tinygpt.tokenizer import load_tokenizer
+
+FORMAT_VERSION = 1
+
+
+# --- atomic file writes ------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see the old or the new file, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+# --- RNG state as JSON ---------------------------------------------------------------------------
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state(sampler_state: dict) -> dict:
+    state = {
+        "python": _py_state_to_json(random.getstate()),
+        "torch": _b64(torch.get_rng_state()),
+        "sampler": _b64(sampler_state["generator"]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict) -> dict:
+    """Restore global RNGs; return the batch sampler's state to load into it."""
+    random.setstate(_py_state_from_json(state["python"]))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    return {"generator": _unb64(state["sampler"])}
+
+
+def _py_state_to_json(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _py_state_from_json(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    import safetensors
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "tinygpt": _tinygpt_version(),
+    }
+
+
+def _tinygpt_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tinygpt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def write_run_files(run_dir: Path, model_cfg, train_cfg, tokenizer, extra: dict | None = None) -> None:
+    """The files a run directory gets once, at the start: config, versions, tokenizer."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": C.to_dict(model_cfg),
+        "train": C.to_dict(train_cfg),
+        "command": sys.argv,
+        "versions": versions(),
+        **(extra or {}),
+    }
+    write_json(run_dir / "run.json", meta)
+    write_json(run_dir / "tokenizer.json", tokenizer.to_json())
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """float32, contiguous, with tied tensors stored once (safetensors refuses shared memory)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, best: bool) -> Path:
+    """Write checkpoints/step_N atomically, point latest.json (and best.json) at it, prune old."""
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(exist_ok=True)
+    name = f"step_{step:06d}"
+    final = ckpts / name
+    tmp = ckpts / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. a stop right after an eval)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(ckpts)
+    rel = f"checkpoints/{name}"
+    write_json(run_dir / "latest.json", {"checkpoint": rel, "step": step})
+    if best:
+        write_json(run_dir / "best.json", {"checkpoint": rel, "step": step, "val_loss": state.get("best_val")})
+    _prune(run_dir)
+    return final
+
+
+def _prune(run_dir: Path) -> None:
+    keep = {_pointer(run_dir, p) for p in ("latest", "best")}
+    for d in (run_dir / "checkpoints").iterdir():
+        if d.is_dir() and f"checkpoints/{d.name}" not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _pointer(run_dir: Path, which: str) -> str | None:
+    p = run_dir / f"{which}.json"
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def read_run_meta(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise UserError(f"run directory {run_dir} does not exist; give the --out of a `tinygpt train` run")
+    if not run_dir.is_dir() or not (run_dir / "run.json").is_file():
+        raise UserError(f"{run_dir} is not a tinygpt run directory (no run.json); give a directory tinygpt train wrote")
+    try:
+        meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        version = meta["format_version"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"{run_dir / 'run.json'} is garbled (not tinygpt's JSON); the run is damaged") from None
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"{run_dir} was written in checkpoint format {version}; this tinygpt reads format {FORMAT_VERSION} — "
+            "use the tinygpt version that wrote it"
+        )
+    return meta
+
+
+def checkpoint_dir(run_dir: Path, which: str = "latest") -> Path:
+    rel = _pointer(Path(run_dir), which)
+    if rel is None:
+        if which == "best" and _pointer(Path(run_dir), "latest"):
+            return checkpoint_dir(run_dir, "latest")
+        raise UserError(f"{run_dir} holds no checkpoint yet ({which}.json missing or garbled); train it first")
+    return Path(run_dir) / rel
+
+
+def configs_from_meta(meta: dict):
+    try:
+        return C.build(C.ModelConfig, meta["model"]), C.build(C.TrainConfig, meta["train"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"run.json is garbled ({e}); the run directory is damaged") from None
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"weights file {path} is truncated or corrupted ({e}); use another checkpoint") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise UserError(
+            f"weights in {path} do not fit the model in run.json (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+
+
+def load_run(run_dir: str | Path, which: str = "latest", device: str | torch.device = "cpu"):
+    """Model (in eval mode) and tokenizer from a run directory. The public loader."""
+    from tinygpt.model import build_model
+
+    run_dir = Path(run_dir)
+    meta = read_run_meta(run_dir)
+    model_cfg, _ = configs_from_meta(meta)
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise UserError(
+            f"{run_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
+            f"{model_cfg.vocab_size}; the run directory is inconsistent"
+        )
+    model = build_model(model_cfg)
+    load_weights(checkpoint_dir(run_dir, which) / "model.safetensors", model)
+    return model.to(device).eval(), tokenizer
+
+
+def load_training_state(ckpt: Path, optimizer) -> dict:
+    """Optimizer state (weights_only: no code runs) and the JSON loop state of a checkpoint."""
+    try:
+        opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types; all mean "do not trust this file"
+        raise UserError(f"optimizer state {ckpt / 'optimizer.pt'} is unreadable or unsafe ({type(e).__name__}); "
+                        "it was not loaded") from None
+    optimizer.load_state_dict(opt_state)
+    try:
+        return json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{ckpt / 'state.json'} is unreadable ({e}); the checkpoint is damaged") from None

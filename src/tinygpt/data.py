@@ -1,0 +1,160 @@
+"""The text: where to find it, how to read it safely, how to cut it into batches.
+
+Tiny Shakespeare is looked up in this order: an explicit path (`--data`); `input.txt` in the
+working directory (as in the lecture); `$TINYGPT_DATA_DIR/tinyshakespeare/input.txt` (default
+`~/.cache/tinygpt`); else it is downloaded, checked against its sha256 and written atomically.
+"""
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from tinygpt.errors import UserError
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_RELPATH = Path("tinyshakespeare") / "input.txt"
+
+
+def data_dir() -> Path:
+    """Where downloaded corpora live: $TINYGPT_DATA_DIR, else ~/.cache/tinygpt."""
+    env = os.environ.get("TINYGPT_DATA_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "tinygpt"
+
+
+def find_corpus(path: str | None = None) -> Path:
+    """The text file to train on: `path` if given, else Tiny Shakespeare (downloaded if needed)."""
+    if path is not None:
+        return Path(path)
+    local = Path("input.txt")
+    if local.is_file():
+        return local
+    cached = data_dir() / SHAKESPEARE_RELPATH
+    if cached.is_file():
+        return cached
+    url = os.environ.get("TINYGPT_DATA_URL", SHAKESPEARE_URL)
+    try:
+        download(url, cached, SHAKESPEARE_SHA256)
+    except OSError as e:  # offline, DNS, refused, unwritable cache ...
+        raise UserError(
+            f"Tiny Shakespeare is not here and could not be downloaded ({e}); put input.txt at "
+            f"{cached} (or set TINYGPT_DATA_DIR), or train on your own text with --data PATH"
+        ) from None
+    return cached
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
+    """Fetch `url` to `dest` only if its sha256 matches; never leaves a partial file at `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+            while chunk := response.read(1 << 16):
+                digest.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        if digest.hexdigest() != sha256:
+            raise UserError(
+                f"download from {url} has sha256 {digest.hexdigest()}, expected {sha256}; "
+                f"the file was not saved — fetch it by hand into {dest}"
+            )
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def read_text(path: Path, min_chars: int = 2) -> str:
+    """Read a UTF-8 text file, or raise a UserError that says what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist; give a UTF-8 text file with --data PATH")
+    if path.is_dir():
+        raise UserError(f"data path {path} is a directory; give a text file inside it with --data PATH")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"data file {path} is not valid UTF-8 (byte {e.start}); convert it, e.g. with iconv -t UTF-8"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read data file {path}: {e.strerror}") from None
+    if not text:
+        raise UserError(f"data file {path} is empty; give a file with text in it")
+    if len(text) < min_chars:
+        raise UserError(
+            f"data file {path} has {len(text)} characters, too few: training needs more than "
+            f"{min_chars} (block_size + 1 in each split); use a longer text or a smaller --block-size"
+        )
+    return text
+
+
+def split(ids: torch.Tensor, train_frac: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """First 90% train, last 10% val, as in the lecture."""
+    n = int(train_frac * len(ids))
+    return ids[:n], ids[n:]
+
+
+class BatchSampler:
+    """Random windows of `block_size + 1` tokens, drawn with its own seeded generator.
+
+    At each step it draws the whole global batch (`world * grad_accum` micro-batches) and hands
+    each rank its share, so 2 processes x 1 micro-batch and 1 process x 2 micro-batches see
+    exactly the same data. Its generator state is saved in checkpoints for exact resume.
+    """
+
+    def __init__(self, data: torch.Tensor, block_size: int, batch_size: int, seed: int,
+                 grad_accum: int = 1, rank: int = 0, world: int = 1):
+        if len(data) < block_size + 1:
+            raise UserError(
+                f"the split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                "use a longer text or a smaller --block-size"
+            )
+        self.data, self.block_size, self.batch_size = data, block_size, batch_size
+        self.grad_accum, self.rank, self.world = grad_accum, rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = torch.arange(block_size + 1)
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches (x, y) for one optimizer step."""
+        n = self.world * self.grad_accum * self.batch_size
+        starts = torch.randint(len(self.data) - self.block_size, (n,), generator=self.generator)
+        starts = starts.view(self.grad_accum, self.world, self.batch_size)[:, self.rank]
+        chunks = self.data[starts[..., None] + self.offsets]  # (accum, B, T+1)
+        return [(c[:, :-1], c[:, 1:]) for c in chunks]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def random_batches(data: torch.Tensor, block_size: int, batch_size: int, n: int, seed: int):
+    """`n` random batches, the same ones for the same seed (the periodic loss estimate)."""
+    sampler = BatchSampler(data, block_size, batch_size, seed)
+    for _ in range(n):
+        yield sampler.next_step()[0]
+
+
+def windows(data: torch.Tensor, block_size: int, batch_size: int):
+    """Consecutive non-overlapping windows covering `data`: every token but the first is predicted
+    exactly once. Yields (x, y) batches; the last window may be shorter and comes alone."""
+    n_full = (len(data) - 1) // block_size
+    offsets = torch.arange(block_size + 1)
+    for i in range(0, n_full, batch_size):
+        starts = torch.arange(i, min(i + batch_size, n_full)) * block_size
+        chunk = data[starts[:, None] + offsets]
+        yield chunk[:, :-1], chunk[:, 1:]
+    tail = data[n_full * block_size :]
+    if len(tail) > 1:
+        yield tail[None, :-1], tail[None, 1:]

@@ -1,0 +1,60 @@
+"""Losses: the quick periodic estimate, and the exact figure over a whole split."""
+
+import math
+
+import torch
+
+from tinygpt.data import random_batches, windows
+from tinygpt.runtime import autocast
+
+
+@torch.no_grad()
+def estimate_loss(model, splits: dict, block_size: int, batch_size: int, eval_iters: int,
+                  device, dtype, seed: int = 0) -> dict:
+    """The lecture's estimate: mean loss over `eval_iters` random batches of each split.
+
+    The batches come from their own seeded generator, so every report uses the same batches
+    (comparable from step to step) and training's random streams are left untouched.
+    """
+    was_training = model.training
+    model.eval()
+    out = {}
+    for name, data in splits.items():
+        total = 0.0
+        for x, y in random_batches(data, block_size, batch_size, eval_iters, seed):
+            with autocast(device, dtype):
+                _, loss = model(x.to(device), y.to(device))
+            total += loss.item()
+        out[name] = total / eval_iters
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def evaluate_split(model, data: torch.Tensor, block_size: int, device, dtype,
+                   n_chars: int | None = None, batch_size: int = 32) -> dict:
+    """Loss over the whole of `data`: consecutive non-overlapping windows of `block_size`, each
+    token predicted exactly once from the tokens before it in its window.
+
+    Returns nats per token and bits per character (`n_chars` is the number of characters the
+    predicted tokens spell; for a character tokenizer, the number of tokens).
+    """
+    was_training = model.training
+    model.eval()
+    total_nats, count = 0.0, 0
+    for x, y in windows(data, block_size, batch_size):
+        with autocast(device, dtype):
+            logits, _ = model(x.to(device))
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"
+        )
+        total_nats += nll.item()
+        count += y.numel()
+    model.train(was_training)
+    n_chars = n_chars or count
+    return {
+        "loss": total_nats / count,
+        "bits_per_char": total_nats / n_chars / math.log(2),
+        "tokens": count,
+        "chars": n_chars,
+    }

@@ -1,0 +1,86 @@
+"""Where and in what precision the model runs: device, dtype, attention kernel.
+
+"auto" is resolved here, once, from what the machine can do — never assumed:
+- device: cuda, then mps, then cpu;
+- dtype: bfloat16 autocast on CUDA with bf16 support, and on CPUs whose bf16 matmul measures
+  faster than float32 (AMX or AVX512-BF16; checked by a short micro-benchmark, cached per
+  process); float32 elsewhere;
+- attention kernel: on CUDA, PyTorch's fused `scaled_dot_product_attention`; on CPU, the plain
+  matmul-softmax-matmul, which measured faster there for the head sizes and blocks of these
+  models (forward and backward; see `tinygpt bench`).
+"""
+
+import contextlib
+import functools
+import time
+
+import torch
+
+from tinygpt.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but Apple's MPS is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How many times faster a bf16 matmul runs than float32 on this CPU (measured once)."""
+    if not {"amx_bf16", "avx512_bf16"} & cpu_flags():
+        return 0.0  # no native bf16 units: emulated bf16 is slower, skip the measurement
+    a = torch.randn(512, 512)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x  # warm up
+        t0 = time.perf_counter()
+        for _ in range(10):
+            x @ x
+        times[dtype] = time.perf_counter() - t0
+    return times[torch.float32] / times[torch.bfloat16]
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16_speedup() > 1.5 else torch.float32
+    return torch.float32
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "sdpa" if device.type == "cuda" else "manual"
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast where asked for; parameters and losses stay float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

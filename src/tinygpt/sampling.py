@@ -1,0 +1,65 @@
+"""Choosing the next token, and the generation loop that streams tokens one at a time."""
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from tinygpt.config import check_sampling
+
+
+def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = None,
+                      temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None) -> torch.Tensor:
+    """Pick one token per row from `logits` (B, vocab); returns (B, 1) token ids.
+
+    temperature 0 means argmax. top_k keeps the k largest logits (and any tied with the k-th);
+    top_p keeps the smallest set of most likely tokens whose probabilities add up to top_p.
+    """
+    check_sampling(temperature, top_k, top_p)
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the first always stays.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    generator: torch.Generator | None = None,
+                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield `max_new_tokens` next tokens, each (B, 1), continuing `idx` (B, T).
+
+    The model sees at most its last `block_size` tokens, as in the lecture. With the cache, the
+    prompt is processed once and each new token costs one position; when the context slides past
+    `block_size`, every position shifts, so the cache is refilled from the last `block_size`
+    tokens — exactly what the uncached path computes, hence the same tokens.
+    """
+    block_size = model.config.block_size
+    cache = model.make_cache(idx.shape[0]) if use_cache else None
+    logits, _ = model(idx[:, -block_size:], cache=cache)
+    for i in range(max_new_tokens):
+        next_id = sample_next_token(logits[:, -1, :], generator, temperature, top_k, top_p)
+        yield next_id
+        if i == max_new_tokens - 1:
+            break
+        idx = torch.cat([idx, next_id], dim=1)
+        if cache is None:
+            logits, _ = model(idx[:, -block_size:])
+        elif cache.pos < block_size:
+            logits, _ = model(next_id, cache=cache)
+        else:
+            cache.reset()
+            logits, _ = model(idx[:, -block_size:], cache=cache)

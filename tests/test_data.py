@@ -1,0 +1,101 @@
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinygpt import data
+from tinygpt.errors import UserError
+
+BODY = b"a small corpus served over HTTP\n" * 100
+
+
+@pytest.fixture
+def server():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}/input.txt"
+    httpd.shutdown()
+
+
+def test_download_good_checksum(server, tmp_path):
+    dest = tmp_path / "d" / "input.txt"
+    data.download(server, dest, hashlib.sha256(BODY).hexdigest())
+    assert dest.read_bytes() == BODY
+    assert list(dest.parent.iterdir()) == [dest]
+
+
+def test_download_bad_checksum_refused_nothing_left(server, tmp_path):
+    dest = tmp_path / "input.txt"
+    with pytest.raises(UserError, match="sha256"):
+        data.download(server, dest, "0" * 64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_find_corpus_downloads_into_data_dir(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TINYGPT_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TINYGPT_DATA_URL", server)
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(BODY).hexdigest())
+    path = data.find_corpus()
+    assert path == tmp_path / "cache" / "tinyshakespeare" / "input.txt"
+    assert path.read_bytes() == BODY
+
+
+def test_find_corpus_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TINYGPT_DATA_DIR", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "tinyshakespeare" / "input.txt"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("cached")
+    assert data.find_corpus() == cached
+    Path("input.txt").write_text("local")
+    assert data.find_corpus() == Path("input.txt")
+    assert data.find_corpus("other.txt") == Path("other.txt")
+
+
+def test_offline_message_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TINYGPT_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TINYGPT_DATA_URL", "http://127.0.0.1:9/nothing")  # port 9: connection refused
+    with pytest.raises(UserError, match=r"put input.txt at .*cache/tinyshakespeare/input.txt"):
+        data.find_corpus()
+    assert not (tmp_path / "cache" / "tinyshakespeare" / "input.txt").exists()
+
+
+def test_split_is_first_90_last_10():
+    ids = torch.arange(100)
+    train, val = data.split(ids)
+    assert train.tolist() == list(range(90)) and val.tolist() == list(range(90, 100))
+
+
+def test_windows_predict_every_token_once():
+    d = torch.arange(23)
+    pairs = [(int(a), int(b)) for x, y in data.windows(d, 5, 2) for a, b in zip(x.flatten(), y.flatten())]
+    assert pairs == [(i, i + 1) for i in range(22)]
+
+
+def test_batch_sampler_same_global_batch_for_any_split_of_work():
+    d = torch.arange(1000)
+    one = data.BatchSampler(d, 8, 4, seed=3, grad_accum=2)
+    ranks = [data.BatchSampler(d, 8, 4, seed=3, grad_accum=1, rank=r, world=2) for r in range(2)]
+    for _ in range(3):
+        micro = one.next_step()
+        a = torch.cat([x for x, _ in micro])
+        b = torch.cat([s.next_step()[0][0] for s in ranks])
+        assert torch.equal(a, b)
+        x, y = micro[0]
+        assert torch.equal(x[:, 1:], y[:, :-1])
