@@ -1,9 +1,185 @@
-"""`tinygpt bench` (written next)."""
+"""`tinygpt bench`: the fast paths side by side with the plain path, in one run.
+
+For a named model config it measures, on the chosen device:
+- the peak matmul rate of this machine in float32 and in bfloat16 (the yardstick for MFU);
+- training: ms per iteration, tokens/s and model FLOPs utilisation, for the plain path (float32,
+  the lecture's per-head reference attention, no compile) and the fast path (auto dtype, auto
+  attention kernel, optionally compiled), with the speed-up ratio;
+- sampling: characters/s without and with the KV cache, same seed, and whether both produced the
+  identical text.
+It prints a markdown table and writes the figures as JSON.
+"""
+
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from tinygpt import config as C
+from tinygpt.model import GPTLanguageModel
+from tinygpt.runtime import autocast, resolve_attention, resolve_device, resolve_dtype
+from tinygpt.train import make_optimizer
+
+LECTURE = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2, "batch_size": 64}
 
 
-def add_bench_args(parser):
-    parser.add_argument("--config-name", default="lecture")
+def add_bench_args(p) -> None:
+    p.add_argument("--preset", default="lecture",
+                   help="model config to measure: 'lecture' (6x6x384, block 256, batch 64, dropout 0.2) "
+                   "or any preset name, or a settings .toml file (default: 'lecture')")
+    p.add_argument("--iters", type=int, default=3, help="timed training iterations per path (default: 3)")
+    p.add_argument("--repeats", type=int, default=1, help="repeat each timing and report the median (default: 1)")
+    p.add_argument("--sample-tokens", type=int, default=None,
+                   help="tokens to generate when timing sampling (default: block_size - 1, inside one block)")
+    p.add_argument("--compile", action=__import__("argparse").BooleanOptionalAction, default=False,
+                   help="also time the fast path under torch.compile (default: off)")
+    p.add_argument("--skip-plain", action="store_true", help="do not time the plain path (quick checks)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="(default: 'auto')")
+    p.add_argument("--json", default="bench.json", metavar="PATH", help="where to write the figures "
+                   "(default: 'bench.json')")
 
 
-def run_bench(args):
-    raise NotImplementedError
+def bench_settings(name: str) -> tuple[C.ModelConfig, int]:
+    if name == "lecture":
+        values = dict(LECTURE)
+    elif name.endswith(".toml"):
+        values = C.load_config_file(name)
+    else:
+        values = C.load_preset(name)
+    model_cfg = C.build(C.ModelConfig, {**values, "vocab_size": 65})
+    batch = values.get("batch_size", C.TrainConfig.batch_size)
+    return model_cfg, batch
+
+
+def peak_matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 10) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_training(model_cfg: C.ModelConfig, batch: int, device, dtype, kernel: str, compile_: bool,
+                  iters: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = GPTLanguageModel(model_cfg).to(device)
+    model.set_attention(kernel)
+    model.train()
+    optimizer = make_optimizer(model, C.TrainConfig(), device)
+    runner = torch.compile(model) if compile_ else model
+    x = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.block_size), device=device)
+    y = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.block_size), device=device)
+
+    def step():
+        with autocast(device, dtype):
+            _, loss = runner(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    step()  # warm-up (and compilation)
+    step()
+    _sync(device)
+    warmup = time.perf_counter() - t0
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        _sync(device)
+        samples.append((time.perf_counter() - t0) / iters)
+    sec = statistics.median(samples)
+    tokens = batch * model_cfg.block_size
+    return {"ms_per_iter": sec * 1000, "tokens_per_sec": tokens / sec,
+            "flops_per_iter": model.flops_per_token() * tokens, "warmup_s": warmup}
+
+
+@torch.no_grad()
+def time_sampling(model_cfg: C.ModelConfig, device, dtype, kernel: str, n_tokens: int) -> dict:
+    torch.manual_seed(0)
+    model = GPTLanguageModel(model_cfg).to(device).eval()
+    model.set_attention(kernel)
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    out = {}
+    for use_cache in (False, True):
+        gen = torch.Generator(device=device).manual_seed(0)
+        with autocast(device, dtype):
+            model.generate(prompt, 4, generator=gen, use_cache=use_cache)  # warm-up
+            gen.manual_seed(1337)
+            _sync(device)
+            t0 = time.perf_counter()
+            tokens = model.generate(prompt, n_tokens, generator=gen, use_cache=use_cache)
+            _sync(device)
+        sec = time.perf_counter() - t0
+        out["cache" if use_cache else "no_cache"] = {"chars_per_sec": n_tokens / sec, "tokens": tokens}
+    same = torch.equal(out["cache"].pop("tokens"), out["no_cache"].pop("tokens"))
+    return {**out, "identical": same}
+
+
+def run_bench(args) -> int:
+    device = resolve_device(args.device)
+    model_cfg, batch = bench_settings(args.preset)
+    fast_dtype = resolve_dtype("auto", device)
+    fast_kernel = resolve_attention("auto", device)
+    n_tokens = args.sample_tokens or model_cfg.block_size - 1
+    peaks = {str(d).removeprefix("torch."): peak_matmul_flops(d, device) for d in (torch.float32, torch.bfloat16)}
+    results = {"preset": args.preset, "device": str(device), "cpu": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": batch,
+               "model": C.to_dict(model_cfg), "peak_flops": peaks, "train": {}, "sample": {}}
+
+    paths = []
+    if not args.skip_plain:
+        paths.append(("plain", torch.float32, "reference", False))
+    paths.append(("fast", fast_dtype, fast_kernel, False))
+    if args.compile:
+        paths.append(("fast+compile", fast_dtype, fast_kernel, True))
+    for name, dtype, kernel, comp in paths:
+        r = time_training(model_cfg, batch, device, dtype, kernel, comp, args.iters, args.repeats)
+        r.update(dtype=str(dtype).removeprefix("torch."), attention=kernel, compile=comp)
+        r["mfu"] = r["flops_per_iter"] / (r["ms_per_iter"] / 1000) / peaks[r["dtype"]]
+        results["train"][name] = r
+    for name, dtype, kernel in [("plain", torch.float32, "manual"), ("fast", fast_dtype, fast_kernel)]:
+        if name == "plain" and args.skip_plain:
+            continue
+        results["sample"][name] = time_sampling(model_cfg, device, dtype, kernel, n_tokens)
+
+    print(format_table(results, n_tokens))
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nfigures written to {args.json}")
+    return 0
+
+
+def format_table(r: dict, n_tokens: int) -> str:
+    peaks = r["peak_flops"]
+    lines = [
+        f"tinygpt bench — preset {r['preset']}, {r['device']} ({r['threads']} threads), torch {r['torch']}",
+        f"peak matmul: float32 {peaks['float32'] / 1e9:,.0f} GFLOP/s, bfloat16 {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s",
+        "",
+        "| training path | dtype | attention | compile | ms/iter | tokens/s | MFU | speed-up |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    base = r["train"].get("plain")
+    for name, t in r["train"].items():
+        ratio = f"{base['ms_per_iter'] / t['ms_per_iter']:.2f}x" if base else "—"
+        lines.append(f"| {name} | {t['dtype']} | {t['attention']} | {'yes' if t['compile'] else 'no'} | "
+                     f"{t['ms_per_iter']:,.0f} | {t['tokens_per_sec']:,.0f} | {t['mfu']:.1%} | {ratio} |")
+    lines += ["", f"| sampling ({n_tokens} tokens, batch 1) | no cache chars/s | KV cache chars/s | speed-up "
+              "| identical text |", "|---|---:|---:|---:|---|"]
+    for name, s in r["sample"].items():
+        a, b = s["no_cache"]["chars_per_sec"], s["cache"]["chars_per_sec"]
+        lines.append(f"| {name} | {a:,.0f} | {b:,.0f} | {b / a:.1f}x | {'yes' if s['identical'] else 'NO'} |")
+    return "\n".join(lines)
