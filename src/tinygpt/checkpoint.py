@@ -238,13 +238,29 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"weights file {path} is truncated or corrupted ({e}); use another checkpoint") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # same names, other shapes: weights of a different model
+        shapes = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+        raise UserError(f"weights in {path} do not fit the model in run.json ({shapes}); "
+                        "the run directory is inconsistent") from None
     tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
     if set(missing) - tied or unexpected:
         raise UserError(
             f"weights in {path} do not fit the model in run.json (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]})"
         )
+
+
+def load_run_tokenizer(run_dir: Path, model_cfg):
+    """The run's tokenizer, checked to have the vocabulary its model was built for."""
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise UserError(
+            f"{run_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
+            f"{model_cfg.vocab_size}; the run directory is inconsistent"
+        )
+    return tokenizer
 
 
 def load_run(run_dir: str | Path, which: str = "latest", device: str | torch.device = "cpu"):
@@ -254,12 +270,7 @@ def load_run(run_dir: str | Path, which: str = "latest", device: str | torch.dev
     run_dir = Path(run_dir)
     meta = read_run_meta(run_dir)
     model_cfg, _ = configs_from_meta(meta)
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise UserError(
-            f"{run_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
-            f"{model_cfg.vocab_size}; the run directory is inconsistent"
-        )
+    tokenizer = load_run_tokenizer(run_dir, model_cfg)
     model = build_model(model_cfg)
     load_weights(checkpoint_dir(run_dir, which) / "model.safetensors", model)
     return model.to(device).eval(), tokenizer
@@ -272,7 +283,11 @@ def load_training_state(ckpt: Path, optimizer) -> dict:
     except Exception as e:  # pickle errors come in many types; all mean "do not trust this file"
         raise UserError(f"optimizer state {ckpt / 'optimizer.pt'} is unreadable or unsafe ({type(e).__name__}); "
                         "it was not loaded") from None
-    optimizer.load_state_dict(opt_state)
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"optimizer state {ckpt / 'optimizer.pt'} does not fit the model ({e}); "
+                        "the checkpoint is damaged") from None
     try:
         return json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

@@ -9,6 +9,7 @@ Settings are layered, later wins: the model's lecture defaults, then `--preset`,
 """
 
 import dataclasses
+import math
 import types
 from dataclasses import dataclass, field
 from importlib import resources
@@ -49,7 +50,7 @@ class ModelConfig:
     activation: str = setting(
         "relu", "feed-forward non-linearity (relu2 = squared ReLU)", choices=("relu", "relu2", "gelu")
     )
-    qk_norm: bool = setting(False, "normalise queries and keys before attention")
+    qk_norm: bool = setting(False, "normalise queries and keys (parameter-free RMSNorm per head) before attention")
     tie_embeddings: bool = setting(False, "share the token embedding with the output head")
     attention: str = setting(
         "auto",
@@ -60,6 +61,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_choices(self)
+        _check_finite(self)
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -126,6 +128,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choices(self)
+        _check_finite(self)
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "vocab_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -159,6 +162,7 @@ class SampleConfig:
     kv_cache: bool = setting(True, "reuse attention keys/values between steps (GPT)")
 
     def __post_init__(self):
+        _check_finite(self)
         if self.max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be zero or more, got {self.max_new_tokens}")
         if self.num_samples <= 0:
@@ -174,6 +178,13 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise UserError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _check_finite(cfg) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{f.name} must be a finite number, got {value}")
 
 
 def _check_choices(cfg) -> None:
@@ -267,9 +278,11 @@ def build(cls, values: dict):
 
 
 def _coerce(f: dataclasses.Field, value):
-    if value is None:
-        return None
     base = field_base_type(f)
+    if value is None:
+        if base is not f.type:  # `X | None`: None means "not set"
+            return None
+        raise UserError(f"{f.name} must be {base.__name__}, got None")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
