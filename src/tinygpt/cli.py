@@ -7,6 +7,7 @@ default and meaning. Errors the user can fix print one line and exit with status
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plot train/val loss of one or more runs to a PNG")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     p.add_argument("--out", default=None, help="PNG path (default: RUN/loss.png of the first run)")
+    p.add_argument("--bpc", action="store_true",
+                   help="plot bits per character, comparable across tokenizers (default: nats per token)")
+    p.add_argument("--time", action="store_true",
+                   help="x axis in training seconds, evals excluded (default: steps)")
     return parser
 
 
@@ -102,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        sys.stderr.write(f"tinygpt {args.command}: error: {e}\n")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; rank 0 says so
+            sys.stderr.write(f"tinygpt {args.command}: error: {e}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
@@ -110,12 +116,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
-    from tinygpt.train import Stopped, train
+    from tinygpt.distributed import process_group
+    from tinygpt.train import Stopped, resume_flags, train
 
     flags = {k: v for k, v in vars(args).items() if k != "command"}
-    model_cfg, train_cfg = C.resolve_train_settings(flags)
+    # On --resume, flags are checked against the saved run, whose settings fill in the rest.
+    model_cfg, train_cfg = C.resolve_train_settings(resume_flags(flags) if flags.get("resume") else flags)
     try:
-        train(model_cfg, train_cfg, flags)
+        with process_group(train_cfg.device) as dist:  # one process unless started by torchrun
+            train(model_cfg, train_cfg, flags, dist=dist)
     except Stopped as s:
         return s.exit_code
     return 0
@@ -211,7 +220,7 @@ def cmd_bench(args) -> int:
 def cmd_plot(args) -> int:
     from tinygpt.plot import plot_runs
 
-    out = plot_runs([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    out = plot_runs([Path(r) for r in args.runs], Path(args.out) if args.out else None, args.bpc, args.time)
     print(out)
     return 0
 

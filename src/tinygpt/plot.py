@@ -1,4 +1,10 @@
-"""`tinygpt plot`: train/val loss against steps for one or more runs, as a PNG."""
+"""`tinygpt plot`: train/val loss of one or more runs on one chart, as a PNG.
+
+By default the loss is in nats per token against optimizer steps, as the reports print it;
+`--bpc` plots bits per character instead (the scale on which runs with different tokenizers
+compare) and `--time` puts training seconds (evals excluded) on the x axis, for runs compared at
+equal training time.
+"""
 
 import json
 from pathlib import Path
@@ -7,6 +13,7 @@ from tinygpt.errors import UserError
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The periodic loss reports of a run (its metrics.jsonl lines that have a val loss)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl; give a run directory written by tinygpt train")
@@ -21,26 +28,40 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in rows if "val_loss" in r]
 
 
-def plot_runs(runs: list[Path], out: Path | None = None) -> Path:
+def loss_figure(runs: list[Path], bpc: bool = False, time: bool = False):
+    """A matplotlib figure: per run, a dashed train line and a solid val line of one colour."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
+    x_key = "train_seconds" if time else "step"
+    train_key, val_key = ("train_bpc", "val_bpc") if bpc else ("train_loss", "val_loss")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for i, run in enumerate(runs):
         rows = read_metrics(run)
-        steps = [r["step"] for r in rows]
-        color = f"C{i}"
+        xs = [r[x_key] for r in rows]
         label = Path(run).name
-        ax.plot(steps, [r["train_loss"] for r in rows], color=color, linestyle="--", label=f"{label} train")
-        ax.plot(steps, [r["val_loss"] for r in rows], color=color, label=f"{label} val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+        ax.plot(xs, [r[train_key] for r in rows], color=f"C{i}", linestyle="--", label=f"{label} train")
+        ax.plot(xs, [r[val_key] for r in rows], color=f"C{i}", label=f"{label} val")
+    ax.set_xlabel("training seconds (evals excluded)" if time else "step")
+    ax.set_ylabel("loss (bits/char)" if bpc else "loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = out or Path(runs[0]) / "loss.png"
-    fig.savefig(out)
-    plt.close(fig)
+    return fig
+
+
+def plot_runs(runs: list[Path], out: Path | None = None, bpc: bool = False, time: bool = False) -> Path:
+    """Write the chart of `runs` to `out` (default: loss.png in the first run) and return the path."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(runs, bpc, time)
+    out = Path(out) if out else Path(runs[0]) / "loss.png"
+    try:
+        fig.savefig(out)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror}; choose another --out") from None
+    finally:
+        plt.close(fig)
     return out
