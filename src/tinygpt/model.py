@@ -77,7 +77,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Zero each element with probability p and scale the rest by 1 / (1 - p)."""
     if not training or p == 0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: fused into one kernel
         return F.dropout(x, p, training=True)
     return x * dropout_mask(x.shape, p, x.dtype, x.device).mul_(1.0 / (1.0 - p))
 
@@ -123,6 +123,8 @@ def manual_attention(q, k, v, dropout_p: float = 0.0, causal: bool = True):
     else:
         att = torch.bmm(q, k.transpose(1, 2)) * hs**-0.5
     att = F.softmax(att.view(B, nh, t_q, t_k), dim=-1)  # bf16 softmax accumulates in float32
+    if dropout_p > 0 and torch.compiler.is_compiling():
+        return F.dropout(att, dropout_p, training=True) @ v
     if dropout_p > 0:
         # Drop attention weights; the 1 / (1 - p) rescale is applied to the smaller output.
         att = att * dropout_mask(att.shape, dropout_p, att.dtype, att.device)
@@ -147,22 +149,28 @@ def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding: rotates pairs of q/k features by a position-dependent angle."""
+    """Rotary position embedding: rotates pairs of q/k features by a position-dependent angle.
+
+    Feature i is paired with feature i + hs/2 (the "rotate half" layout), so the rotation is two
+    multiplies on contiguous memory instead of strided even/odd slices.
+    """
 
     def __init__(self, head_size: int, max_len: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2).float() / head_size)
+        half = head_size // 2
+        inv_freq = 1.0 / base ** (torch.arange(half).float() / half)
         angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (max_len, hs/2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], -1), persistent=False)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], -1), persistent=False)
 
     def forward(self, x, start: int = 0):
-        """x: (B, nh, T, hs), the positions start at `start`."""
-        T = x.shape[-2]
-        cos = self.cos[start : start + T].to(x.dtype)
-        sin = self.sin[start : start + T].to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        """x: (B, T, ..., hs) with positions start .. start + T - 1 along dim 1."""
+        T, hs = x.shape[1], x.shape[-1]
+        shape = (T,) + (1,) * (x.dim() - 3) + (hs,)
+        cos = self.cos[start : start + T].view(shape).to(x.dtype)
+        sin = self.sin[start : start + T].view(shape).to(x.dtype)
+        swapped = torch.cat([x[..., hs // 2 :], x[..., : hs // 2]], dim=-1)
+        return x * cos + swapped * sin
 
 
 class KVCache:
@@ -209,22 +217,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_dropout = Dropout(config.attn_pdrop)
         self.resid_dropout = Dropout(config.dropout)
-        if config.qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_size)
-            self.k_norm = nn.RMSNorm(self.head_size)
         self.kernel = config.attention  # "auto" is resolved by the trainer / loader
 
     def forward(self, x, rope: RotaryEmbedding | None = None, cache: KVCache | None = None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_size)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # queries and keys get the same treatment, at once
         if self.config.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            qk = F.rms_norm(qk, (self.head_size,))
         start = cache.pos if cache is not None else 0
         if rope is not None:
-            q, k = rope(q, start), rope(k, start)
+            qk = rope(qk, start)
+        q, k = qk.unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         y = self.attend(q, k, v)
