@@ -2,6 +2,11 @@
 
     from tinygpt import GPTLanguageModel, BigramLanguageModel, CharTokenizer, load_run
 """
+# ruff: noqa: E402  (STARTED is taken before the heavy imports)
+
+import time
+
+STARTED = time.perf_counter()  # before torch is imported: "time since the command started"
 
 from tinygpt.checkpoint import load_run
 from tinygpt.config import ModelConfig, SampleConfig, TrainConfig

@@ -19,7 +19,7 @@ import torch
 
 from tinygpt import config as C
 from tinygpt.model import GPTLanguageModel
-from tinygpt.runtime import autocast, resolve_attention, resolve_device, resolve_dtype
+from tinygpt.runtime import autocast, inference_dtype, resolve_attention, resolve_device, resolve_dtype
 from tinygpt.train import make_optimizer
 
 LECTURE = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2, "batch_size": 64}
@@ -151,7 +151,8 @@ def run_bench(args) -> int:
         r.update(dtype=str(dtype).removeprefix("torch."), attention=kernel, compile=comp)
         r["mfu"] = r["flops_per_iter"] / (r["ms_per_iter"] / 1000) / peaks[r["dtype"]]
         results["train"][name] = r
-    for name, dtype, kernel in [("plain", torch.float32, "manual"), ("fast", fast_dtype, fast_kernel)]:
+    for name, dtype, kernel in [("plain", torch.float32, "manual"),
+                                ("fast", inference_dtype("auto", device), fast_kernel)]:
         if name == "plain" and args.skip_plain:
             continue
         results["sample"][name] = time_sampling(model_cfg, device, dtype, kernel, n_tokens)

@@ -134,13 +134,13 @@ def cmd_sample(args) -> int:
     import torch
 
     from tinygpt.checkpoint import load_run
-    from tinygpt.runtime import autocast, resolve_device, resolve_dtype
+    from tinygpt.runtime import autocast, inference_dtype, resolve_device
     from tinygpt.sampling import generate_stream
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(C.SampleConfig) if hasattr(args, f.name)}
     cfg = C.build(C.SampleConfig, given)
     device = resolve_device(getattr(args, "device", "auto"))
-    dtype = resolve_dtype(getattr(args, "dtype", "auto"), device)
+    dtype = inference_dtype(getattr(args, "dtype", "auto"), device)
     model, tokenizer = load_run(args.ckpt, args.which, device)
     prompt = cfg.prompt
     unknown = tokenizer.unknown(prompt)

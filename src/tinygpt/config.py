@@ -124,6 +124,7 @@ class TrainConfig:
     )
     compile: bool = setting(False, "compile the model with torch.compile")
     sample_chars: int = setting(500, "tokens to generate and print at the end (0 = none)")
+    plot: bool = setting(True, "draw RUN/loss.png at the end of the run")
     quiet: bool = setting(False, "print only the loss reports, no progress bar")
 
     def __post_init__(self):

@@ -35,7 +35,7 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = 
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # like no_grad, with less bookkeeping per op: it adds up one token at a time
 def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None,
