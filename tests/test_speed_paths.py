@@ -6,18 +6,21 @@ import pytest
 import torch
 from conftest import run_cli, tiny_configs
 
-from tinygpt.model import dropout, dropout_mask
+from tinygpt.model import dropout, dropout_mask, kept_fraction, mask_bits
 from tinygpt.runtime import cpu_bf16_speedup, resolve_dtype
 from tinygpt.train import train
 
 
-def test_fast_dropout_statistics():
+@pytest.mark.parametrize("p,bits", [(0.2, 8), (0.5, 8), (0.1, 16), (0.003, 16)])
+def test_fast_dropout_statistics(p, bits):
     torch.manual_seed(0)
-    x = torch.ones(1_000_000)
-    y = dropout(x, 0.2)
-    kept = (y != 0).float().mean().item()
-    assert abs(kept - 0.8) < 0.003
-    assert torch.allclose(y[y != 0], torch.tensor(1.25))
+    assert mask_bits(p) == bits
+    assert abs((1 - kept_fraction(p)) - p) <= 0.01 * p
+    x = torch.ones(2_000_000)
+    y = dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.003
+    assert torch.allclose(y[y != 0], torch.tensor(1 / kept_fraction(p)))
     assert abs(y.mean().item() - 1.0) < 0.005  # unbiased
     assert torch.equal(dropout(x, 0.2, training=False), x)
     m = dropout_mask((4, 1000), 0.5, torch.bfloat16, "cpu")

@@ -60,26 +60,42 @@ class BigramLanguageModel(LanguageModel):
 # --- GPT ---------------------------------------------------------------------------------------
 
 
+def mask_bits(p: float) -> int:
+    """Random bits per element for a dropout mask: 8 when p is within 1% of a multiple of 1/256
+    (0.2 -> 51/256 = 0.1992), else 16."""
+    k = round(p * 256)
+    return 8 if k >= 1 and abs(k / 256 - p) <= 0.01 * p else 16
+
+
+def kept_fraction(p: float) -> float:
+    """The exact keep probability of `dropout_mask`, which the rescaling uses (no bias)."""
+    levels = 2 ** mask_bits(p)
+    return 1 - round(p * levels) / levels
+
+
 def dropout_mask(shape, p: float, dtype, device) -> torch.Tensor:
-    """1 where an element is kept (probability 1 - p), 0 where dropped, in `dtype`.
+    """1 where an element is kept (probability `kept_fraction(p)`), 0 where dropped, in `dtype`.
 
     On CPU, torch's dropout draws one random float per element through `bernoulli_`, which took
-    a third of a lecture-sized training step here. 16 random bits per element, cut from 64-bit
-    draws, are enough (p is rounded to a multiple of 1/65536) and several times cheaper.
+    a third of a lecture-sized training step here. 8 (or 16) random bits per element, cut from
+    64-bit draws, are enough and several times cheaper.
     """
     n = math.prod(shape)
-    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    bits = bits.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
-    return (bits >= -32768 + round(p * 65536)).to(dtype)
+    bits = mask_bits(p)
+    per_draw = 64 // bits
+    draws = torch.randint(-(2**63), 2**63 - 1, ((n + per_draw - 1) // per_draw,), dtype=torch.int64, device=device)
+    small = draws.view(torch.int8 if bits == 8 else torch.int16)[:n].view(shape)  # uniform, signed
+    levels = 2**bits
+    return (small >= -levels // 2 + round(p * levels)).to(dtype)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Zero each element with probability p and scale the rest by 1 / (1 - p)."""
+    """Zero each element with probability p and scale the rest to keep the expectation."""
     if not training or p == 0:
         return x
     if x.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: fused into one kernel
         return F.dropout(x, p, training=True)
-    return x * dropout_mask(x.shape, p, x.dtype, x.device).mul_(1.0 / (1.0 - p))
+    return x * dropout_mask(x.shape, p, x.dtype, x.device).mul_(1.0 / kept_fraction(p))
 
 
 class Dropout(nn.Dropout):
@@ -128,7 +144,7 @@ def manual_attention(q, k, v, dropout_p: float = 0.0, causal: bool = True):
     if dropout_p > 0:
         # Drop attention weights; the 1 / (1 - p) rescale is applied to the smaller output.
         att = att * dropout_mask(att.shape, dropout_p, att.dtype, att.device)
-        return (att @ v) * (1.0 / (1.0 - dropout_p))
+        return (att @ v) * (1.0 / kept_fraction(dropout_p))
     return att @ v  # (B, nh, Tq, hs)
 
 
