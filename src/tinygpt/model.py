@@ -375,10 +375,6 @@ def build_model(config: ModelConfig) -> LanguageModel:
     return GPTLanguageModel(config)
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 __all__ = [
     "BigramLanguageModel",
     "GPTLanguageModel",

@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -445,10 +444,3 @@ def _trim_metrics(path: Path, upto_step: int) -> None:
         if record.get("step", 0) <= upto_step and "final_val_loss" not in record:
             keep.append(line)
     ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-def main_exit_code(exc: BaseException) -> int:
-    return getattr(exc, "exit_code", 1)
-
-
-__all__ = ["train", "TrainResult", "make_optimizer", "lr_at", "DivergedError", "Stopped", "sys"]
