@@ -81,7 +81,7 @@ def time_training(model_cfg: C.ModelConfig, batch: int, device, dtype, kernel: s
     model = GPTLanguageModel(model_cfg).to(device)
     model.set_attention(kernel)
     model.train()
-    optimizer = make_optimizer(model, C.TrainConfig(), device)
+    optimizer = make_optimizer(model, C.TrainConfig())
     runner = torch.compile(model) if compile_ else model
     x = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.block_size), device=device)
     y = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.block_size), device=device)

@@ -123,7 +123,7 @@ def reference_attention(q, k, v, dropout: nn.Module | None = None):
     return torch.stack(heads, dim=1)
 
 
-def manual_attention(q, k, v, dropout_p: float = 0.0, causal: bool = True):
+def manual_attention(q, k, v, dropout_p: float = 0.0):
     """All heads at once as matmul-softmax-matmul: on CPU in bf16 the fastest for these head sizes.
 
     q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs); the queries are the last Tq of the Tk positions.
@@ -131,7 +131,7 @@ def manual_attention(q, k, v, dropout_p: float = 0.0, causal: bool = True):
     B, nh, t_q, hs = q.shape
     t_k = k.shape[2]
     q, k = q.flatten(0, 1), k.flatten(0, 1)  # (B*nh, T, hs)
-    if causal and t_q > 1:
+    if t_q > 1:  # one query (a cached generation step) sees every key: no mask
         # The causal mask enters as an additive bias (0 or -inf) fused into the matmul, which
         # measured faster than a separate masked_fill, forward and backward.
         bias = causal_bias(t_q, t_k, q.device, q.dtype).expand(B * nh, t_q, t_k)

@@ -79,7 +79,7 @@ class TrainResult:
     sample: str = ""
 
 
-def make_optimizer(model, cfg: C.TrainConfig, device) -> AdamW:
+def make_optimizer(model, cfg: C.TrainConfig) -> AdamW:
     """AdamW; weight decay only on matrices that multiply activations (not biases, norms or
     embedding tables)."""
     decay, no_decay = [], []
@@ -146,14 +146,18 @@ def new_run_dir(cfg: C.TrainConfig, model_cfg: C.ModelConfig, tokenizer, extra: 
     return run_dir
 
 
-def check_resume_flags(saved_model: C.ModelConfig, saved_train: C.TrainConfig, flags: dict) -> None:
-    saved = {**C.to_dict(saved_model), **C.to_dict(saved_train)}
+def refuse_conflicts(saved: dict, flags: dict, changeable: set, where: str, fix: str) -> None:
+    """A one-line error for the first flag that contradicts a saved setting it may not change."""
     for key, value in flags.items():
-        if key in C.TRAIN_KEYS and key not in RESUMABLE_OVERRIDES and saved.get(key) != value:
-            raise UserError(
-                f"--{key.replace('_', '-')} {value} conflicts with the run being resumed "
-                f"({key}={saved.get(key)!r}); drop the flag or start a new run with --out"
-            )
+        if key in saved and key not in changeable and value != saved[key]:
+            raise UserError(f"--{key.replace('_', '-')} {value} conflicts with {where} "
+                            f"({key}={saved[key]!r}); {fix}")
+
+
+def check_resume_flags(saved_model: C.ModelConfig, saved_train: C.TrainConfig, flags: dict) -> None:
+    saved = {k: v for k, v in {**C.to_dict(saved_model), **C.to_dict(saved_train)}.items() if k in C.TRAIN_KEYS}
+    refuse_conflicts(saved, flags, RESUMABLE_OVERRIDES, "the run being resumed",
+                     "drop the flag or start a new run with --out")
 
 
 def resume_flags(flags: dict) -> dict:
@@ -251,7 +255,7 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, flags: dict | None = Non
     model.to(device)
     if hasattr(model, "set_attention"):
         model.set_attention(kernel)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg)
     sampler = BatchSampler(corpus.train, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.grad_accum,
                            rank=dist.rank, world=dist.world)
 
@@ -386,12 +390,8 @@ FINETUNE_OVERRIDES = {"dropout", "attn_dropout", "attention"}
 def finetune_model_config(base: C.ModelConfig, flags: dict, init_from: str) -> C.ModelConfig:
     """The base run's model settings, with only dropout and the attention kernel changeable."""
     saved = C.to_dict(base)
-    for key, value in flags.items():
-        if key in saved and key not in FINETUNE_OVERRIDES and value != saved[key]:
-            raise UserError(
-                f"--{key.replace('_', '-')} {value} conflicts with the run --init-from {init_from} "
-                f"({key}={saved[key]!r}); fine-tuning keeps the model it starts from, so drop the flag"
-            )
+    refuse_conflicts(saved, flags, FINETUNE_OVERRIDES, f"the run --init-from {init_from}",
+                     "fine-tuning keeps the model it starts from, so drop the flag")
     return C.build(C.ModelConfig, {**saved, **{k: v for k, v in flags.items() if k in FINETUNE_OVERRIDES}})
 
 
