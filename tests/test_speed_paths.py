@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_configs
 
-from tinygpt.model import dropout, dropout_mask, kept_fraction, mask_bits
+from tinygpt.kernels import dropout, dropout_mask, kept_fraction, mask_bits
 from tinygpt.runtime import cpu_bf16_speedup, resolve_dtype
 from tinygpt.train import train
 
