@@ -20,38 +20,27 @@ import torch
 from tinygpt import config as C
 from tinygpt import runtime
 from tinygpt.model import GPTLanguageModel
+from tinygpt.optim import make_optimizer
 from tinygpt.runtime import autocast, inference_dtype, resolve_attention, resolve_device, resolve_dtype
-from tinygpt.train import make_optimizer
-
-LECTURE = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2, "batch_size": 64}
 
 
-def add_bench_args(p) -> None:
-    p.add_argument("--preset", default="lecture",
-                   help="model config to measure: 'lecture' (6x6x384, block 256, batch 64, dropout 0.2) "
-                   "or any preset name, or a settings .toml file (default: 'lecture')")
-    p.add_argument("--iters", type=int, default=3, help="timed training iterations per path (default: 3)")
-    p.add_argument("--repeats", type=int, default=1, help="repeat each timing and report the median (default: 1)")
-    p.add_argument("--sample-tokens", type=int, default=None,
-                   help="tokens to generate when timing sampling (default: block_size - 1, inside one block)")
-    p.add_argument("--compile", action=__import__("argparse").BooleanOptionalAction, default=False,
-                   help="also time the fast path under torch.compile (default: off)")
-    p.add_argument("--skip-plain", action="store_true", help="do not time the plain path (quick checks)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="(default: 'auto')")
-    p.add_argument("--json", default="bench.json", metavar="PATH", help="where to write the figures "
-                   "(default: 'bench.json')")
-
-
-def bench_settings(name: str) -> tuple[C.ModelConfig, int]:
+def bench_settings(name: str, vocab_size: int | None = None) -> tuple[C.ModelConfig, int]:
+    """The model and batch size to measure: "lecture" is `python gpt.py`'s defaults."""
     if name == "lecture":
-        values = dict(LECTURE)
+        values = {}
     elif name.endswith(".toml"):
         values = C.load_config_file(name)
     else:
         values = C.load_preset(name)
-    model_cfg = C.build(C.ModelConfig, {**values, "vocab_size": 65})
-    batch = values.get("batch_size", C.TrainConfig.batch_size)
-    return model_cfg, batch
+    model_cfg = C.build(C.ModelConfig, {**values, "vocab_size": vocab_size or shakespeare_vocab_size()})
+    return model_cfg, values.get("batch_size", C.TrainConfig.batch_size)
+
+
+def shakespeare_vocab_size() -> int:
+    """The character vocabulary of Tiny Shakespeare (found or downloaded as `train` would)."""
+    from tinygpt.data import find_corpus, read_text
+
+    return len(set(read_text(find_corpus())))
 
 
 def peak_matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, budget_s: float = 2.0,
@@ -157,7 +146,7 @@ def time_sampling(model_cfg: C.ModelConfig, device, dtype, kernel: str, n_tokens
 
 def run_bench(args) -> int:
     device = resolve_device(args.device)
-    model_cfg, batch = bench_settings(args.preset)
+    model_cfg, batch = bench_settings(args.preset, args.vocab_size)
     fast_dtype = resolve_dtype("auto", device)
     fast_kernel = resolve_attention("auto", device)
     n_tokens = args.sample_tokens or model_cfg.block_size - 1
