@@ -24,6 +24,7 @@ from tinygpt.data import BatchSampler, find_corpus, read_text, split
 from tinygpt.distributed import SINGLE, Distributed
 from tinygpt.errors import UserError
 from tinygpt.evaluate import estimate_loss, evaluate_split
+from tinygpt.hf import HF_PREFIX, load_gpt2_weights, read_gpt2, source_dir
 from tinygpt.model import build_model
 from tinygpt.optim import AdamW
 from tinygpt.progress import Progress
@@ -206,7 +207,7 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, flags: dict | None = Non
     t_start = time.perf_counter()
     log = dist.main_only(log)
     device = dist.device(resolve_device(cfg.device))
-    init_meta = None
+    fine_tuning = False
     if cfg.resume:
         run_dir = Path(cfg.resume)
         meta = ckpt.read_run_meta(run_dir)
@@ -226,8 +227,8 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, flags: dict | None = Non
         data_path = find_corpus(cfg.data)
         text = read_text(data_path, min_chars=2 * (model_cfg.block_size + 1))
         if cfg.init_from:
-            init_meta = ckpt.read_run_meta(Path(cfg.init_from))
-            tokenizer = load_tokenizer(Path(cfg.init_from) / "tokenizer.json")
+            fine_tuning = True
+            base_model, tokenizer = _init_source(cfg.init_from, flags or {})
             unknown = tokenizer.unknown(text)
             if unknown and cfg.grow_vocab and isinstance(tokenizer, CharTokenizer):
                 tokenizer = tokenizer.extend(text)
@@ -236,7 +237,6 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, flags: dict | None = Non
                     f"{data_path} has {len(unknown)} character(s) the run {cfg.init_from} never saw "
                     f"({', '.join(map(repr, unknown[:10]))}); pass --grow-vocab to add them"
                 )
-            base_model, _ = ckpt.configs_from_meta(init_meta)
             model_cfg = finetune_model_config(base_model, flags or {}, cfg.init_from)
             cfg = C.build(C.TrainConfig, {**C.to_dict(cfg), "tokenizer": tokenizer.kind})  # run.json says which
         else:
@@ -250,8 +250,8 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, flags: dict | None = Non
 
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg)
-    if init_meta is not None:
-        _init_from(model, Path(cfg.init_from))
+    if fine_tuning:
+        _init_from(model, cfg.init_from)
     model.to(device)
     if hasattr(model, "set_attention"):
         model.set_attention(kernel)
@@ -273,7 +273,8 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, flags: dict | None = Non
         extra = {"data_path": str(data_path.resolve()), "dtype": str(dtype).removeprefix("torch."),
                  "attention_kernel": kernel, "device": str(device), "world_size": dist.world}
         if cfg.init_from:
-            extra["init_from"] = str(Path(cfg.init_from).resolve())
+            hf_dir = source_dir(cfg.init_from)
+            extra["init_from"] = HF_PREFIX + str(hf_dir.resolve()) if hf_dir else str(Path(cfg.init_from).resolve())
         run_dir = dist.on_main(new_run_dir, cfg, model_cfg, tokenizer, extra)
 
     runner = dist.wrap(model, cfg.seed)
@@ -395,12 +396,25 @@ def finetune_model_config(base: C.ModelConfig, flags: dict, init_from: str) -> C
     return C.build(C.ModelConfig, {**saved, **{k: v for k, v in flags.items() if k in FINETUNE_OVERRIDES}})
 
 
-def _init_from(model, run_dir: Path) -> None:
+def _init_source(init_from: str, flags: dict):
+    """The model settings and tokenizer a fine-tuning run starts from: a run, or hf:DIR."""
+    hf_dir = source_dir(init_from)
+    if hf_dir is not None:  # a Hugging Face GPT-2 directory; --block-size may shorten its context
+        return read_gpt2(hf_dir, flags.get("block_size"))
+    meta = ckpt.read_run_meta(Path(init_from))
+    return ckpt.configs_from_meta(meta)[0], load_tokenizer(Path(init_from) / "tokenizer.json")
+
+
+def _init_from(model, init_from: str) -> None:
     """Copy a trained run's weights into `model`. With a grown vocabulary the old entries are
     copied (rows of the embedding, head and its bias; rows and columns of the bigram table) and
     the new ones keep their fresh init, as in a new model."""
     from safetensors.torch import load_file
 
+    hf_dir = source_dir(init_from)
+    if hf_dir is not None:
+        return load_gpt2_weights(model, hf_dir)
+    run_dir = Path(init_from)
     state = load_file(str(ckpt.checkpoint_dir(run_dir, "latest") / "model.safetensors"))
     own = model.state_dict()
     for name, tensor in state.items():
