@@ -306,6 +306,7 @@ def test_import_errors_are_one_line(gpt2_dir, text_file, tmp_path):
     one_line_error(init_from(copy("wider", {"n_embd": 64})), "wte.weight has shape (300, 32)", "implies (300, 64)")
     one_line_error(init_from(copy("inner", {"n_inner": 96})), "n_inner=96")
     one_line_error(init_from(copy("silu", {"activation_function": "silu"})), "activation_function='silu'")
+    one_line_error(init_from(copy("typo", {"n_embd": "32"})), "n_embd must be int")
     one_line_error(init_from(gpt2_dir, "--block-size", 64), "--block-size 64", "n_positions (32)")
     one_line_error(init_from(gpt2_dir, "--n-layer", 3), "--n-layer 3 conflicts")
     assert not (tmp_path / "run").exists()

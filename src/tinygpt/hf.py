@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tinygpt import checkpoint as ckpt
-from tinygpt.config import ModelConfig
+from tinygpt.config import ModelConfig, build
 from tinygpt.errors import UserError
 from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
@@ -227,6 +227,7 @@ def export_run(run: str | Path, out: str | Path, which: str = "latest") -> Path:
     tmp.mkdir()
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", _default_file_mode())  # safetensors writes 0600; this is for sharing
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         for f in tmp.iterdir():
@@ -238,6 +239,13 @@ def export_run(run: str | Path, out: str | Path, which: str = "latest") -> Path:
         raise
     ckpt.fsync_dir(out.parent)
     return out
+
+
+def _default_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask (which can only be read by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 # --- import --------------------------------------------------------------------------------------
@@ -260,7 +268,13 @@ def read_gpt2_config(directory: Path, block_size: int | None = None) -> ModelCon
         kind = raw.get("model_type") if isinstance(raw, dict) else None
         raise UserError(f"{directory} holds a {kind!r} model; --init-from hf: reads GPT-2-family checkpoints "
                         "(model_type 'gpt2') only")
-    c = {**GPT2_DEFAULTS, **raw}
+    try:
+        return _model_config({**GPT2_DEFAULTS, **raw}, path, block_size)
+    except TypeError as e:  # e.g. a number written as a string
+        raise UserError(f"{path} has a value of the wrong type ({e}); the model directory is damaged") from None
+
+
+def _model_config(c: dict, path: Path, block_size: int | None) -> ModelConfig:
     n_embd, activation = c["n_embd"], c["activation_function"]
     unsupported = []
     if activation not in FROM_HF_ACTIVATION:
@@ -281,12 +295,13 @@ def read_gpt2_config(directory: Path, block_size: int | None = None) -> ModelCon
     if block_size is not None and block_size > n_positions:
         raise UserError(f"--block-size {block_size} is longer than the checkpoint's n_positions ({n_positions}); "
                         "a fine-tuning run may only shorten it")
-    return ModelConfig(
+    # build() checks every value's type, so a damaged config.json is a one-line error.
+    return build(ModelConfig, dict(
         model="gpt", vocab_size=c["vocab_size"], block_size=block_size or n_positions, n_layer=c["n_layer"],
         n_head=c["n_head"], n_embd=n_embd, dropout=c["resid_pdrop"], attn_dropout=c["attn_pdrop"],
         activation=FROM_HF_ACTIVATION[activation], tie_embeddings=c["tie_word_embeddings"],
         attn_bias=True, head_bias=False,
-    )
+    ))
 
 
 def read_gpt2_tokenizer(directory: Path):
