@@ -13,6 +13,7 @@ import torch
 from conftest import TINY_TEXT, shakespeare_path, tiny_configs
 from safetensors.torch import load_file
 from test_ecosystem import one_line_error, run_cli
+from test_reliability import RunsCode
 
 from tinygpt.checkpoint import load_run
 from tinygpt.data import split
@@ -308,5 +309,11 @@ def test_import_errors_are_one_line(gpt2_dir, text_file, tmp_path):
     one_line_error(init_from(copy("silu", {"activation_function": "silu"})), "activation_function='silu'")
     one_line_error(init_from(copy("typo", {"n_embd": "32"})), "n_embd must be int")
     one_line_error(init_from(gpt2_dir, "--block-size", 64), "--block-size 64", "n_positions (32)")
+
+    evil = copy("evil", drop=("model.safetensors",))
+    marker = tmp_path / "code-ran"
+    torch.save({"wte.weight": RunsCode(marker)}, evil / "pytorch_model.bin")
+    one_line_error(init_from(evil), "pytorch_model.bin is unreadable or unsafe", "not loaded")
+    assert not marker.exists()
     one_line_error(init_from(gpt2_dir, "--n-layer", 3), "--n-layer 3 conflicts")
     assert not (tmp_path / "run").exists()

@@ -93,7 +93,7 @@ def check_exportable(cfg: ModelConfig, run: Path) -> None:
         off.append(f"activation={cfg.activation!r}")
     if off:
         raise UserError(f"{run} uses {', '.join(off)}, which GPT-2 has no place for; only runs with learned "
-                        "positions, LayerNorm, relu or gelu and no qk_norm export to transformers")
+                        "positions, LayerNorm, relu, gelu or gelu_tanh and no qk_norm export to transformers")
 
 
 def fold_head_bias(weight: torch.Tensor, head_bias: torch.Tensor, ln_bias: torch.Tensor) -> torch.Tensor | str:
@@ -102,7 +102,7 @@ def fold_head_bias(weight: torch.Tensor, head_bias: torch.Tensor, ln_bias: torch
     The head computes W·LN(x) + b with LN(x) = g*x̂ + β. For any d with W·d = b,
     W·(g*x̂ + β + d) = W·LN(x) + b: the bias moves into ln_f's bias, whose only reader is the head.
     Such a d exists for every b when W (vocab x n_embd) has full row rank, which needs
-    vocab <= n_embd. The fold is checked in the float32 the exported model computes in.
+    vocab <= n_embd. The check uses the folded bias rounded to float32, as the exported file holds it.
     """
     vocab, width = weight.shape
     if vocab > width:
