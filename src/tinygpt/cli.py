@@ -1,4 +1,4 @@
-"""The `tinygpt` command: train, sample, eval, runs, bench, plot, presets.
+"""The `tinygpt` command: train, sample, eval, runs, export, bench, plot, presets.
 
 Flags are generated from the config dataclasses, so `--help` always shows every setting with its
 default and meaning. Errors the user can fix print one line and exit with status 2. Nothing
@@ -109,6 +109,17 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("runs", help="list the runs in a directory as a table",
                        description="One line per run: name, model size, steps, best val loss, bits/char, date.")
     p.add_argument("dir", nargs="?", default="runs", help="directory holding run directories (default: 'runs')")
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face transformers model (GPT-2 layout)",
+                       description="Write a GPT run as a directory that transformers' AutoModelForCausalLM "
+                       "and AutoTokenizer load with no custom code: GPT2LMHeadModel weights (safetensors), "
+                       "config.json and the run's tokenizer. Runs whose architecture GPT-2 lacks are refused.")
+    p.add_argument("run", metavar="RUN", help="run directory written by tinygpt train")
+    p.add_argument("--to", choices=("hf",), default="hf", help="output format: hf = transformers (default: 'hf')")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="directory to write; it must not exist or be empty (nothing is overwritten)")
+    p.add_argument("--which", choices=("latest", "best"), default="best",
+                   help="which checkpoint of the run (default: 'best')")
 
     sub.add_parser("presets", help="list the shipped presets")
 
@@ -308,6 +319,14 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tinygpt.hf import export_run
+
+    out = export_run(args.run, args.out, args.which)
+    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def cmd_presets(args) -> int:
     for name, description in C.list_presets().items():
         print(f"{name:14s} {description}")
@@ -328,8 +347,8 @@ def cmd_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "runs": cmd_runs, "presets": cmd_presets,
-            "bench": cmd_bench, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "runs": cmd_runs, "export": cmd_export,
+            "presets": cmd_presets, "bench": cmd_bench, "plot": cmd_plot}
 
 
 if __name__ == "__main__":

@@ -53,10 +53,13 @@ class ModelConfig:
     )
     norm: str = setting("layernorm", "normalisation layer", choices=("layernorm", "rmsnorm"))
     activation: str = setting(
-        "relu", "feed-forward non-linearity (relu2 = squared ReLU)", choices=("relu", "relu2", "gelu")
+        "relu", "feed-forward non-linearity (relu2 = squared ReLU; gelu_tanh = GELU's tanh approximation, GPT-2's)",
+        choices=("relu", "relu2", "gelu", "gelu_tanh"),
     )
     qk_norm: bool = setting(False, "normalise queries and keys (parameter-free RMSNorm per head) before attention")
     tie_embeddings: bool = setting(False, "share the token embedding with the output head")
+    attn_bias: bool = setting(False, "bias on the query/key/value projection (GPT-2 has one; the lecture does not)")
+    head_bias: bool = setting(True, "bias on the output head (the lecture's has one; GPT-2's does not)")
     attention: str = setting(
         "auto",
         "attention kernel: auto picks the fastest measured for the device; reference is the "
@@ -91,7 +94,10 @@ class TrainConfig:
     out: str | None = setting(None, "run directory to write (default: runs/MODEL-TIMESTAMP)")
     resume: str | None = setting(None, "continue the run in this directory from its latest checkpoint")
     overwrite: bool = setting(False, "allow replacing an existing run directory given by --out")
-    init_from: str | None = setting(None, "start from this run's weights and tokenizer (fine-tuning)")
+    init_from: str | None = setting(
+        None, "start from this run's weights and tokenizer (fine-tuning); hf:DIR starts from a local "
+        "Hugging Face GPT-2 directory"
+    )
     grow_vocab: bool = setting(
         False, "with --init-from: add characters the old tokenizer lacks instead of refusing"
     )

@@ -38,7 +38,7 @@ def settings_from_flags(flags: dict) -> tuple[C.ModelConfig, C.TrainConfig]:
     base run's model settings do, and a flag that would change its architecture is refused."""
     if flags.get("resume"):
         flags = resume_flags(flags)
-    elif flags.get("init_from") and not str(flags["init_from"]).startswith("hf:"):
+    elif flags.get("init_from"):
         flags = finetune_flags(flags)
     return C.resolve_train_settings(flags)
 
@@ -62,19 +62,36 @@ def resume_flags(flags: dict) -> dict:
 
 def finetune_flags(flags: dict) -> dict:
     """The base run's model settings under the flags, refusing architecture changes."""
-    base = finetune_model_config(flags["init_from"])
+    base = base_model_config(flags["init_from"], flags.get("block_size"))
     saved = {k: v for k, v in C.to_dict(base).items() if k in C.TRAIN_KEYS}
-    refuse_conflicts(saved, flags, FINETUNE_OVERRIDES, f"the run --init-from {flags['init_from']}",
+    changeable = FINETUNE_OVERRIDES | ({"block_size"} if hf_source(flags["init_from"]) else set())
+    refuse_conflicts(saved, flags, changeable, f"the run --init-from {flags['init_from']}",
                      "fine-tuning keeps the model it starts from, so drop the flag")
     return {**saved, **flags}
 
 
-def finetune_model_config(init_from: str, given: C.ModelConfig | None = None) -> C.ModelConfig:
-    """The base run's architecture, with dropout and the attention kernel from `given`."""
-    base, _ = ckpt.configs_from_meta(ckpt.read_run_meta(Path(init_from)))
-    if given is None:
-        return base
+def finetune_model_config(init_from: str, given: C.ModelConfig) -> C.ModelConfig:
+    """The base's architecture, with dropout and the attention kernel from `given` (and, from a
+    Hugging Face directory, a shorter context: nanoGPT's crop_block_size)."""
+    base = base_model_config(init_from, given.block_size if hf_source(init_from) else None)
     return C.build(C.ModelConfig, {**C.to_dict(base), **{k: getattr(given, k) for k in FINETUNE_OVERRIDES}})
+
+
+def base_model_config(init_from: str, block_size: int | None = None) -> C.ModelConfig:
+    """The model settings of what --init-from names: a tinygpt run, or hf:DIR (GPT-2 family)."""
+    hf_dir = hf_source(init_from)
+    if hf_dir is not None:
+        from tinygpt.hf import read_gpt2
+
+        return read_gpt2(hf_dir, block_size)[0]  # checks its tokenizer and weights are there too
+    return ckpt.configs_from_meta(ckpt.read_run_meta(Path(init_from)))[0]
+
+
+def hf_source(init_from: str) -> Path | None:
+    """The directory of `--init-from hf:DIR`, or None for a tinygpt run."""
+    from tinygpt.hf import source_dir
+
+    return source_dir(init_from)
 
 
 def refuse_conflicts(saved: dict, flags: dict, changeable: set, where: str, fix: str) -> None:

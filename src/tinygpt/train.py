@@ -86,7 +86,11 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, dist: Distrib
 
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg)
-    if cfg.init_from:
+    if cfg.init_from and runs.hf_source(cfg.init_from):
+        from tinygpt.hf import load_gpt2_weights
+
+        load_gpt2_weights(model, runs.hf_source(cfg.init_from))
+    elif cfg.init_from:
         ckpt.load_weights(ckpt.checkpoint_dir(cfg.init_from, "latest") / "model.safetensors", model,
                           grown=cfg.grow_vocab)
     model.to(device)
@@ -113,7 +117,8 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, dist: Distrib
         extra = {"data_path": str(data_path.resolve()), "dtype": str(dtype).removeprefix("torch."),
                  "attention_kernel": kernel, "device": str(device), "world_size": dist.world}
         if cfg.init_from:
-            extra["init_from"] = str(Path(cfg.init_from).resolve())
+            hf_dir = runs.hf_source(cfg.init_from)
+            extra["init_from"] = f"hf:{hf_dir.resolve()}" if hf_dir else str(Path(cfg.init_from).resolve())
         run_dir = dist.on_main(runs.new_run_dir, cfg, model_cfg, tokenizer, extra)
 
     timing = time_probe(model, cfg, corpus, device, dtype, start_step)
@@ -240,8 +245,13 @@ def _tokenizer_and_text(cfg: C.TrainConfig, dist: Distributed, block_size: int):
     data_path = find_corpus(cfg.data)
     text = read_text(data_path, min_chars=2 * (block_size + 1))
     if cfg.init_from:
-        ckpt.read_run_meta(Path(cfg.init_from))
-        tokenizer = load_tokenizer(Path(cfg.init_from) / "tokenizer.json")
+        if runs.hf_source(cfg.init_from):
+            from tinygpt.hf import read_gpt2_tokenizer
+
+            tokenizer = read_gpt2_tokenizer(runs.hf_source(cfg.init_from))
+        else:
+            ckpt.read_run_meta(Path(cfg.init_from))
+            tokenizer = load_tokenizer(Path(cfg.init_from) / "tokenizer.json")
         unknown = tokenizer.unknown(text)
         if unknown and cfg.grow_vocab and isinstance(tokenizer, CharTokenizer):
             tokenizer = tokenizer.extend(text)
