@@ -123,25 +123,25 @@ def time_training(model_cfg: C.ModelConfig, batch: int, device, dtype, kernel: s
 
 
 @torch.no_grad()
-def time_sampling(model_cfg: C.ModelConfig, device, dtype, kernel: str, n_tokens: int) -> dict:
+def time_sampling(model_cfg: C.ModelConfig, device, dtype, kernel: str, n_tokens: int, batch: int) -> dict:
+    """chars/s of sampling: batch 1 without and with the decode engine (and whether the texts are
+    identical), and a batch of `batch` sequences through the engine."""
     torch.manual_seed(0)
     model = GPTLanguageModel(model_cfg).to(device).eval()
     model.set_attention(kernel)
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-    out = {}
-    for use_cache in (False, True):
+    out, texts = {}, {}
+    for name, rows, use_cache in (("no_cache", 1, False), ("cache", 1, True), ("cache_batch", batch, True)):
+        prompt = torch.zeros((rows, 1), dtype=torch.long, device=device)
         gen = torch.Generator(device=device).manual_seed(0)
         with autocast(device, dtype):
-            model.generate(prompt, 4, generator=gen, use_cache=use_cache)  # warm-up
+            model.generate(prompt, 4, generator=gen, use_cache=use_cache)  # warm-up (and CUDA-graph capture)
             gen.manual_seed(1337)
             _sync(device)
             t0 = time.perf_counter()
-            tokens = model.generate(prompt, n_tokens, generator=gen, use_cache=use_cache)
+            texts[name] = model.generate(prompt, n_tokens, generator=gen, use_cache=use_cache)
             _sync(device)
-        sec = time.perf_counter() - t0
-        out["cache" if use_cache else "no_cache"] = {"chars_per_sec": n_tokens / sec, "tokens": tokens}
-    same = torch.equal(out["cache"].pop("tokens"), out["no_cache"].pop("tokens"))
-    return {**out, "identical": same}
+        out[name] = {"chars_per_sec": rows * n_tokens / (time.perf_counter() - t0), "batch": rows}
+    return {**out, "identical": torch.equal(texts["cache"], texts["no_cache"])}
 
 
 def run_bench(args) -> int:
@@ -171,7 +171,7 @@ def run_bench(args) -> int:
                                 ("fast", inference_dtype("auto", device), fast_kernel)]:
         if name == "plain" and args.skip_plain:
             continue
-        results["sample"][name] = time_sampling(model_cfg, device, dtype, kernel, n_tokens)
+        results["sample"][name] = time_sampling(model_cfg, device, dtype, kernel, n_tokens, args.sample_batch)
 
     print(format_table(results, n_tokens))
     with open(args.json, "w", encoding="utf-8") as f:
@@ -196,9 +196,11 @@ def format_table(r: dict, n_tokens: int) -> str:
         mfu = "—" if t["mfu"] is None else f"{t['mfu']:.1%}"
         lines.append(f"| {name} | {t['dtype']} | {t['attention']} | {'yes' if t['compile'] else 'no'} | "
                      f"{t['ms_per_iter']:,.0f} | {t['tokens_per_sec']:,.0f} | {mfu} | {ratio} |")
-    lines += ["", f"| sampling ({n_tokens} tokens, batch 1) | no cache chars/s | KV cache chars/s | speed-up "
-              "| identical text |", "|---|---:|---:|---:|---|"]
+    batch = next(iter(r["sample"].values()))["cache_batch"]["batch"] if r["sample"] else 0
+    lines += ["", f"| sampling ({n_tokens} tokens) | batch 1, no cache chars/s | batch 1, decode engine chars/s "
+              f"| speed-up | batch {batch}, decode engine chars/s | identical text |", "|---|---:|---:|---:|---:|---|"]
     for name, s in r["sample"].items():
-        a, b = s["no_cache"]["chars_per_sec"], s["cache"]["chars_per_sec"]
-        lines.append(f"| {name} | {a:,.0f} | {b:,.0f} | {b / a:.1f}x | {'yes' if s['identical'] else 'NO'} |")
+        a, b, c = (s[k]["chars_per_sec"] for k in ("no_cache", "cache", "cache_batch"))
+        same = "yes" if s["identical"] else "NO"
+        lines.append(f"| {name} | {a:,.0f} | {b:,.0f} | {b / a:.1f}x | {c:,.0f} | {same} |")
     return "\n".join(lines)

@@ -273,6 +273,7 @@ def load_run_tokenizer(run_dir: Path, model_cfg):
 def load_run(run_dir: str | Path, which: str = "latest", device: str | torch.device = "cpu"):
     """Model (in eval mode) and tokenizer from a run directory. The public loader."""
     from tinygpt.model import build_model
+    from tinygpt.runtime import resolve_attention
 
     run_dir = Path(run_dir)
     meta = read_run_meta(run_dir)
@@ -280,6 +281,8 @@ def load_run(run_dir: str | Path, which: str = "latest", device: str | torch.dev
     tokenizer = load_run_tokenizer(run_dir, model_cfg)
     model = build_model(model_cfg)
     load_weights(checkpoint_dir(run_dir, which) / "model.safetensors", model)
+    device = torch.device(device)
+    model.set_attention(resolve_attention(model_cfg.attention, device))  # "auto": the kernel for this device
     return model.to(device).eval(), tokenizer
 
 
