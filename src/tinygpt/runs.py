@@ -8,7 +8,8 @@ new run goes, and what `metrics.jsonl` holds.
     RUN/metrics.jsonl   one JSON line per loss report:
         {"step", "train_loss", "val_loss", "train_bpc", "val_bpc", "lr", "tokens_per_sec", "train_seconds"}
       and at the end of a run one line with the whole-val-split figures:
-        {"step", "final_val_loss", "final_val_bpc", "best_step", "last_val_loss", "elapsed"}
+        {"step", "final_val_loss", "final_val_bpc", "best_step", "last_val_loss", "elapsed", "since_start"}
+      (elapsed: seconds since training started; since_start: since the command started)
 """
 
 import json

@@ -292,7 +292,8 @@ def _final_eval(result, model, corpus, model_cfg, device, dtype, best_step, step
         f"bits/char{where} ({time.perf_counter() - STARTED:.1f} s since the command started)")
     runs.write_json_line(result.run_dir / "metrics.jsonl", {
         "step": step, "final_val_loss": best["loss"], "final_val_bpc": best["bits_per_char"],
-        "best_step": result.best_step, "last_val_loss": last["loss"], "elapsed": time.perf_counter() - t_start})
+        "best_step": result.best_step, "last_val_loss": last["loss"], "elapsed": time.perf_counter() - t_start,
+        "since_start": time.perf_counter() - STARTED})
 
 
 def time_probe(model, cfg: C.TrainConfig, corpus, device, dtype, start_step: int) -> dict:
