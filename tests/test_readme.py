@@ -1,0 +1,132 @@
+"""Every code block in the README runs, in order, in one scratch directory.
+
+The README's commands are the real ones users paste (`python gpt.py` trains for hours), so bash
+blocks run under real bash with small stand-ins first on PATH:
+- `tinygpt train`, `python gpt.py`, `python bigram.py`: run for real, with flags appended that
+  make the run tiny (argparse lets the last flag win): 2 steps, a 1-layer model, the tiny text
+  when no --data is given;
+- `tinygpt` anything else (sample, eval, runs, plot, export, ...): run for real, unchanged;
+- `torchrun`: its tinygpt arguments are parsed by tinygpt's own parser (flags must exist), not run;
+- `pip install`: checked against the installs the project supports, not run (this test's
+  environment is that install);
+- `python -m pytest`: not run (it is the command running this test);
+- the one block that downloads GPT-2 from the Hugging Face hub gets a tiny random GPT-2 saved
+  locally instead (no network here).
+Python blocks run with `exec` in the same directory, after the blocks before them.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import REPO, TINY_TEXT
+
+README = REPO / "README.md"
+FAST = ["--max-iters", "2", "--eval-interval", "1", "--eval-iters", "1", "--batch-size", "2",
+        "--sample-chars", "20", "--no-plot", "--device", "cpu", "--max-time", "0"]
+FRESH = ["--n-layer", "1", "--n-head", "2", "--n-embd", "48", "--block-size", "64"]  # vocab <= width: exportable
+TEXT = TINY_TEXT + "ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 20  # the README's prompts
+INSTALLS = {"torch==2.13.0", "-e .", "-e .[test]", "-e .[hf]"}  # as bash passes them (quotes gone)
+
+
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, code) of every fenced block; a block without a language is output, not code."""
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M) if m.group(1)]
+
+
+SHIM = '''#!{python}
+import os, subprocess, sys
+sys.path.insert(0, {src!r})
+name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+real = {python!r}
+fast, fresh, tiny = {fast!r}, {fresh!r}, {tiny!r}
+
+def shorten(argv):
+    extra = list(fast)
+    if "--resume" not in argv and "--init-from" not in argv:
+        extra += fresh
+    if "--data" not in argv and "--resume" not in argv:
+        extra += ["--data", tiny]
+    return argv + extra
+
+if name == "tinygpt":
+    argv = shorten(args) if args[:1] == ["train"] else args
+    sys.exit(subprocess.call([real, "-m", "tinygpt", *argv]))
+if name == "python":
+    if args[:2] == ["-m", "pytest"]:
+        sys.exit(0)
+    if args[:1] in (["gpt.py"], ["bigram.py"]):
+        script = os.path.join({repo!r}, args[0])
+        sys.exit(subprocess.call([real, script, *(args[1:] if "--help" in args else shorten(args[1:]))]))
+    if args[:1] == ["-c"] and "from_pretrained('gpt2')" in args[1]:
+        sys.exit(subprocess.call([real, {make_gpt2!r}, "gpt2"]))
+    if args[:1] and args[0].startswith("benchmarks/"):
+        args[0] = os.path.join({repo!r}, args[0])
+    sys.exit(subprocess.call([real, *args]))
+if name == "torchrun":
+    from tinygpt.cli import build_parser
+    build_parser().parse_args(args[args.index("tinygpt") + 1:])  # exits 2 on an unknown flag
+    sys.exit(0)
+if name == "pip":
+    spec = " ".join(args[1:])
+    sys.exit(0 if args[:1] == ["install"] and spec in {installs!r} else 3)
+'''
+
+MAKE_GPT2 = '''
+import sys
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+text = open("input.txt", encoding="utf-8").read()
+tok = Tokenizer(models.BPE())
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tok.decoder = decoders.ByteLevel()
+alphabet = pre_tokenizers.ByteLevel.alphabet()
+tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet, show_progress=False))
+fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+cfg = GPT2Config(vocab_size=len(fast), n_positions=256, n_embd=32, n_layer=2, n_head=2)
+GPT2LMHeadModel(cfg).save_pretrained(sys.argv[1])
+fast.save_pretrained(sys.argv[1])
+'''
+
+
+@pytest.mark.slow
+def test_every_readme_code_block_runs(tmp_path):
+    work = tmp_path / "work"
+    bin_dir = tmp_path / "bin"
+    (work / "docs").mkdir(parents=True)
+    bin_dir.mkdir()
+    for name in ("my_text.txt", "input.txt", "new.txt"):
+        (work / name).write_text(TEXT, encoding="utf-8")
+    make_gpt2 = tmp_path / "make_gpt2.py"
+    make_gpt2.write_text(MAKE_GPT2)
+    shim = SHIM.format(python=sys.executable, src=str(REPO / "src"), fast=FAST, fresh=FRESH,
+                       tiny=str(work / "input.txt"), repo=str(REPO), make_gpt2=str(make_gpt2), installs=INSTALLS)
+    for name in ("tinygpt", "python", "torchrun", "pip"):
+        (bin_dir / name).write_text(shim)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO / "src"),
+           "TINYGPT_DATA_DIR": str(tmp_path / "no-data-here"), "OMP_NUM_THREADS": "1"}
+    # Runs the README names before it makes them (a fine-tune starts from one): made here.
+    subprocess.run([str(bin_dir / "tinygpt"), "train", "--data", "input.txt", "--out", "runs/shakespeare"],
+                   cwd=work, env=env, check=True, capture_output=True)
+
+    blocks = code_blocks(README.read_text(encoding="utf-8"))
+    assert {lang for lang, _ in blocks} <= {"bash", "python"}, "a README block in a language this test cannot run"
+    assert sum(lang == "python" for lang, _ in blocks) >= 1
+    cwd = os.getcwd()
+    for i, (lang, code) in enumerate(blocks):
+        where = f"README block {i + 1} ({lang}):\n{textwrap.indent(code, '    ')}"
+        if lang == "bash":
+            r = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=work, env=env, capture_output=True,
+                               text=True, timeout=600)
+            assert r.returncode == 0, f"{where}\nfailed with {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+            assert "Traceback" not in r.stderr, f"{where}\n{r.stderr[-3000:]}"
+        else:
+            os.chdir(work)
+            try:
+                exec(compile(code, f"README block {i + 1}", "exec"), {"__name__": "readme"})
+            finally:
+                os.chdir(cwd)
