@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tinygpt.config import ModelConfig
-from tinygpt.model import BigramLanguageModel, GPTLanguageModel, reference_attention
+from tinygpt.kernels import reference_attention
+from tinygpt.model import BigramLanguageModel, GPTLanguageModel
 
 V = 11
 

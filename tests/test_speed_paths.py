@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_configs
 
-from tinygpt.model import dropout, dropout_mask, kept_fraction, mask_bits
+from tinygpt.kernels import dropout, dropout_mask, kept_fraction, mask_bits
 from tinygpt.runtime import cpu_bf16_speedup, resolve_dtype
 from tinygpt.train import train
 
@@ -75,6 +75,31 @@ def test_bench_runs_and_reports_identical_sampling(tmp_path):
     assert set(figures["train"]) == {"plain", "fast"}
     assert all(s["identical"] for s in figures["sample"].values())
     assert figures["train"]["fast"]["tokens_per_sec"] > 0
+
+
+def test_bench_skips_bf16_peak_without_native_bf16_units(tmp_path, monkeypatch, capsys):
+    # An AMD CPU without AVX512-BF16/AMX: bf16 is emulated (~300x slower), so the bench must not
+    # time it (that took 27 minutes there) and the fast path runs in float32.
+    import tinygpt.runtime as rt
+    from tinygpt.cli import main
+
+    monkeypatch.setattr(rt, "cpu_flags", lambda: set())
+    monkeypatch.setattr(rt, "cpu_bf16_speedup", lambda: 0.0)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 16\nbatch_size = 4\ndropout = 0.0\n')
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", str(cfg), "--iters", "1", "--device", "cpu", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert set(figures["peak_flops"]) == {"float32"}
+    assert figures["train"]["fast"]["dtype"] == "float32"
+    assert "bf16 not measured" in capsys.readouterr().out
+
+
+def test_peak_probe_shrinks_to_its_time_budget():
+    from tinygpt.bench import peak_matmul_flops
+
+    # A budget far below one 2048^3 matmul still gives a positive figure (from a smaller size).
+    assert peak_matmul_flops(torch.float32, torch.device("cpu"), budget_s=1e-4, trials=1) > 0
 
 
 @pytest.mark.parametrize("kernel", ["manual", "sdpa"])

@@ -47,7 +47,7 @@ def cpu_flags() -> set[str]:
 @functools.cache
 def cpu_bf16_speedup() -> float:
     """How many times faster a bf16 matmul runs than float32 on this CPU (measured once)."""
-    if not {"amx_bf16", "avx512_bf16"} & cpu_flags():
+    if not native_bf16(torch.device("cpu")):
         return 0.0  # no native bf16 units: emulated bf16 is slower, skip the measurement
     a = torch.randn(512, 512)
     times = {}
@@ -59,6 +59,15 @@ def cpu_bf16_speedup() -> float:
             x @ x
         times[dtype] = time.perf_counter() - t0
     return times[torch.float32] / times[torch.bfloat16]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does this device do bf16 matmuls in hardware (not emulated)?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    return False
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt.config import check_sampling
+from tinygpt.engine import DecodeEngine
 
 
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = None,
@@ -40,26 +41,24 @@ def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
                     top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None,
                     use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield `max_new_tokens` next tokens, each (B, 1), continuing `idx` (B, T).
+    """Yield `max_new_tokens` next tokens, each (B, 1), continuing every row of `idx` (B, T).
 
-    The model sees at most its last `block_size` tokens, as in the lecture. With the cache, the
-    prompt is processed once and each new token costs one position; when the context slides past
-    `block_size`, every position shifts, so the cache is refilled from the last `block_size`
-    tokens — exactly what the uncached path computes, hence the same tokens.
+    The model sees at most its last `block_size` tokens, as in the lecture. With the cache (the
+    decode engine, `engine.py`) the prompt is processed once and each new token costs one
+    position for the whole batch; the text is the same as without it.
     """
-    block_size = model.config.block_size
-    cache = model.make_cache(idx.shape[0]) if use_cache else None
-    logits, _ = model(idx[:, -block_size:], cache=cache)
+    if use_cache:
+        engine = DecodeEngine(model, idx.shape[0])
+        logits = engine.start_batch(idx)
+    else:
+        logits = model(idx[:, -model.config.block_size :])[0][:, -1]
     for i in range(max_new_tokens):
-        next_id = sample_next_token(logits[:, -1, :], generator, temperature, top_k, top_p)
+        next_id = sample_next_token(logits, generator, temperature, top_k, top_p)  # (B, 1)
         yield next_id
         if i == max_new_tokens - 1:
             break
-        idx = torch.cat([idx, next_id], dim=1)
-        if cache is None:
-            logits, _ = model(idx[:, -block_size:])
-        elif cache.pos < block_size:
-            logits, _ = model(next_id, cache=cache)
+        if use_cache:
+            logits = engine.step_batch(next_id)
         else:
-            cache.reset()
-            logits, _ = model(idx[:, -block_size:], cache=cache)
+            idx = torch.cat([idx, next_id], dim=1)
+            logits = model(idx[:, -model.config.block_size :])[0][:, -1]

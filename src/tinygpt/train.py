@@ -253,8 +253,7 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, flags: dict | None = Non
     if init_meta is not None:
         _init_from(model, Path(cfg.init_from))
     model.to(device)
-    if hasattr(model, "set_attention"):
-        model.set_attention(kernel)
+    model.set_attention(kernel)
     optimizer = make_optimizer(model, cfg)
     sampler = BatchSampler(corpus.train, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.grad_accum,
                            rank=dist.rank, world=dist.world)

@@ -1,0 +1,181 @@
+"""The decode engine: generation with a preallocated, fixed-shape key/value cache.
+
+Generating token t+1 needs the keys and values of tokens 0..t in every layer. Recomputing them
+each step (the lecture's `generate`) costs a forward pass over the whole context per token; the
+cache keeps them, so each step runs the model on one new position.
+
+    engine = DecodeEngine(model, max_batch=4)
+    logits = engine.start(slot, prompt_ids)       # prefill one slot: next-token logits (vocab,)
+    logits = engine.step({slot: token, ...})      # one batched forward for every given slot
+
+A *slot* is one sequence: its row of the cache. Slots are independent (a server runs different
+requests in them, each at its own length), so a batched step attends through a mask: query b
+sees keys 0..pos[b]. The cache is allocated once, (slots, heads, block_size, head_size) per layer
+in the inference dtype, and never grows or is concatenated to.
+
+Past `block_size` the lecture's model sees the last `block_size` tokens, so every position shifts
+by one: the cache is refilled from those tokens, which is exactly what the uncached path computes
+(tests check the text is identical, token for token).
+
+On CUDA every decoding step has the same shapes (all slots, the whole block, masked), so the step
+is captured once as a CUDA graph and replayed: one launch instead of ~150 small kernels per token,
+and no attention backend that re-plans for every new length.
+"""
+
+import torch
+
+
+class KVCache:
+    """Keys and values per layer, (slots, n_head, block_size, head_size), plus the plan of the
+    forward pass in flight: which rows, at which positions, and how attention is masked.
+
+    The model calls only `positions` and `update`; the engine sets the plan with `prefill` or
+    `decode` before each forward.
+    """
+
+    def __init__(self, n_layer: int, slots: int, n_head: int, block_size: int, head_size: int,
+                 device, dtype):
+        shape = (slots, n_head, block_size, head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.block_size = block_size
+        self.positions: torch.Tensor | None = None  # (T,) or (B, 1): positions of this forward's tokens
+        self._rows = slice(None)
+        self._write: torch.Tensor | None = None  # decode: (B, nh, 1, hs) scatter index
+        self._mask: torch.Tensor | None = None  # decode: (B, 1, 1, Tk)
+        self._t_k = 0
+
+    def prefill(self, rows: slice, length: int, device) -> None:
+        """The next forward fills positions 0..length-1 of `rows` (causal among themselves)."""
+        self._rows, self._write, self._mask = rows, None, None
+        self.positions = torch.arange(length, device=device)
+
+    def decode(self, rows: slice, positions: torch.Tensor, t_k: int) -> None:
+        """The next forward adds one token per row at `positions` (B,); each row attends to its
+        own keys 0..position, within the first `t_k` of the block."""
+        self._rows, self._t_k = rows, t_k
+        self.positions = positions[:, None]  # (B, 1)
+        n_head, head_size = self.k[0].shape[1], self.k[0].shape[3]
+        self._write = positions.view(-1, 1, 1, 1).expand(-1, n_head, 1, head_size)
+        keys = torch.arange(t_k, device=positions.device)
+        self._mask = (keys[None, :] <= positions[:, None]).view(-1, 1, 1, t_k)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this forward's k, v (B, nh, T, hs); return the keys, values and mask to attend with."""
+        ck, cv = self.k[layer][self._rows], self.v[layer][self._rows]  # views of the slots' rows
+        if self._write is None:  # prefill: the new tokens are the whole context
+            T = k.shape[2]
+            ck[:, :, :T] = k
+            cv[:, :, :T] = v
+            return k, v, None
+        ck.scatter_(2, self._write, k)
+        cv.scatter_(2, self._write, v)
+        return ck[:, :, : self._t_k], cv[:, :, : self._t_k], self._mask
+
+
+class DecodeEngine:
+    """Batched generation over `max_batch` independent slots (see the module docstring).
+
+    Models without a cache (the bigram) run uncached: each step is a forward over the slot's
+    last `block_size` tokens, which for the bigram is its last token anyway.
+    """
+
+    def __init__(self, model, max_batch: int):
+        self.model = model
+        self.block_size = model.config.block_size
+        self.max_batch = max_batch
+        self.cache: KVCache | None = model.make_cache(max_batch)
+        self.device = next(model.parameters()).device
+        self.context: list[list[int]] = [[] for _ in range(max_batch)]  # ids each slot holds
+        # On CUDA: every step over all slots and the whole block, so shapes never change.
+        self.static = self.cache is not None and self.device.type == "cuda"
+        self._graph = None
+
+    # --- the interface -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def start(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Put a prompt in `slot` (cropped to its last `block_size` tokens); next-token logits."""
+        if not ids:
+            raise ValueError("a prompt needs at least one token")
+        self.context[slot] = list(ids[-self.block_size :])
+        return self._prefill(slot, slot + 1, torch.tensor([self.context[slot]], device=self.device))[0]
+
+    @torch.inference_mode()
+    def start_batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """Put the rows of `idx` (B, T) in slots 0..B-1 in one forward; logits (B, vocab)."""
+        idx = idx[:, -self.block_size :]
+        for b, row in enumerate(idx.tolist()):
+            self.context[b] = row
+        return self._prefill(0, idx.shape[0], idx.to(self.device))
+
+    @torch.inference_mode()
+    def step(self, tokens: dict[int, int]) -> dict[int, torch.Tensor]:
+        """Append one token to each given slot; return each slot's next-token logits (vocab,)."""
+        full = [s for s in tokens if len(self.context[s]) == self.block_size]
+        for s, t in tokens.items():
+            self.context[s] = (self.context[s] + [t])[-self.block_size :]
+        out = {}
+        stepping = [s for s in tokens if s not in full]
+        if stepping:
+            logits = self._decode(stepping, tokens)
+            out.update({s: logits[s] for s in stepping})
+        for s in full:  # the context slid past block_size: every position moved, refill the slot
+            out[s] = self._prefill(s, s + 1, torch.tensor([self.context[s]], device=self.device))[0]
+        return out
+
+    def step_batch(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`step` for slots 0..B-1 with tokens (B, 1) or (B,); logits (B, vocab)."""
+        ids = tokens.view(-1).tolist()
+        out = self.step(dict(enumerate(ids)))
+        return torch.stack([out[s] for s in range(len(ids))])
+
+    def free(self, slot: int) -> None:
+        self.context[slot] = []
+
+    # --- the forward passes --------------------------------------------------------------------
+
+    def _prefill(self, first: int, end: int, idx: torch.Tensor) -> torch.Tensor:
+        """Forward `idx` (n, T) into slots first..end-1 from position 0; last logits (n, vocab)."""
+        if self.cache is None:
+            return self.model(idx)[0][:, -1].float()
+        self.cache.prefill(slice(first, end), idx.shape[1], self.device)
+        return self.model(idx, cache=self.cache)[0][:, -1].float()
+
+    def _decode(self, slots: list[int], tokens: dict[int, int]) -> torch.Tensor:
+        """One batched forward of one token per slot; logits indexed by slot (rows 0..end-1)."""
+        if self.cache is None:  # uncached: each slot's whole (cropped) context
+            rows = {s: self.model(torch.tensor([self.context[s]], device=self.device))[0][0, -1] for s in slots}
+            return {s: r.float() for s, r in rows.items()}
+        end = self.max_batch if self.static else max(slots) + 1
+        # Slots in range that do not step get a dummy token at their next free position (or the
+        # last one of a full slot, which is refilled right after): nothing they hold is touched.
+        ids = [tokens.get(s, 0) for s in range(end)]
+        pos = [min(len(self.context[s]) - (s in tokens), self.block_size - 1) for s in range(end)]
+        if self.static:
+            return self._graph_step(ids, pos)
+        t_k = max(pos[s] for s in slots) + 1
+        return self._decode_forward(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), t_k)
+
+    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, t_k: int) -> torch.Tensor:
+        self.cache.decode(slice(0, len(ids)), pos, t_k)
+        return self.model(ids[:, None], cache=self.cache)[0][:, -1].float()
+
+    def _graph_step(self, ids: list[int], pos: list[int]) -> torch.Tensor:
+        """The CUDA decoding step: captured once as a graph over static inputs, then replayed."""
+        if self._graph is None:
+            self._ids = torch.tensor(ids, device=self.device)
+            self._pos = torch.tensor(pos, device=self.device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph (allocations, autotuning)
+                for _ in range(2):
+                    self._decode_forward(self._ids, self._pos, self.block_size)
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._logits = self._decode_forward(self._ids, self._pos, self.block_size)
+        self._ids.copy_(torch.tensor(ids), non_blocking=True)
+        self._pos.copy_(torch.tensor(pos), non_blocking=True)
+        self._graph.replay()
+        return self._logits
