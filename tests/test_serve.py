@@ -357,12 +357,15 @@ def test_sixteen_concurrent_streams_three_rounds_exact_text_and_flat_memory(serv
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=32)) as client:
             return await asyncio.gather(*(_stream(client, server.url, b) for b in bodies))
 
-    rss = []
+    rss, before = [], server.health()
     for _ in range(3):
         for (texts, finishes, done), text in zip(asyncio.run(round_of_16()), want):
             assert done and texts == {0: text} and finishes == {0: "length"}
         rss.append(server.rss_kb())
-    assert server.health()["active"] == 0
+    after = server.health()
+    assert after["active"] == 0 and after["finished"] - before["finished"] == 3 * 16
+    # Batched: the 16 streams share forwards (one worker, one forward per step for all of them).
+    assert (after["tokens"] - before["tokens"]) / (after["steps"] - before["steps"]) > 4
     # Round 1 warms allocator pools and caches; later rounds may not add to them.
     assert rss[2] <= rss[0] + 4096, f"server memory grew over rounds: {rss} kB"
 

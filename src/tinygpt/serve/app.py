@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinygpt.serve.api import MAX_BODY_BYTES, ApiError, CompletionRequest, parse_completion_request
-from tinygpt.serve.worker import Busy, Event, ReferenceEngine, Sequence, Worker
+from tinygpt.serve.worker import Busy, Event, Sequence, Worker
 
 STATIC = Path(__file__).parent / "static"
 DRAIN_LIMIT = 16 * MAX_BODY_BYTES  # read (and drop) this much of an oversized body so the 413 arrives
@@ -44,8 +44,7 @@ class Served:
 
 def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) -> FastAPI:
     """The FastAPI app for `served`; its lifespan starts and stops the generation worker."""
-    worker = Worker(ReferenceEngine(served.model, max_batch), served.tokenizer.decode, max_batch,
-                    served.device, served.dtype)
+    worker = Worker(served.model, served.tokenizer.decode, max_batch, served.device, served.dtype)
     model_id = served.card["id"]
 
     @asynccontextmanager

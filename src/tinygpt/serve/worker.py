@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tinygpt.engine import DecodeEngine
 from tinygpt.runtime import autocast
 from tinygpt.sampling import sample_next_token
 
@@ -107,36 +108,6 @@ class TextStream:
         return out
 
 
-class ReferenceEngine:
-    """A stand-in with the decode engine's interface: no cache, each slot's window run alone.
-
-    Exactly what `generate_stream(..., use_cache=False)` computes, so its tokens are the ones
-    `tinygpt sample` prints.
-    """
-
-    def __init__(self, model, max_batch: int):
-        self.model, self.max_batch = model, max_batch
-        self.device = next(model.parameters()).device
-        self.ids: dict[int, list[int]] = {}
-
-    def start(self, slot: int, ids: list[int]) -> torch.Tensor:
-        self.ids[slot] = list(ids)
-        return self._logits(slot)
-
-    def step(self, tokens: dict[int, int]) -> dict[int, torch.Tensor]:
-        for slot, token in tokens.items():
-            self.ids[slot].append(token)
-        return {slot: self._logits(slot) for slot in tokens}
-
-    def free(self, slot: int) -> None:
-        self.ids.pop(slot, None)
-
-    def _logits(self, slot: int) -> torch.Tensor:
-        window = self.ids[slot][-self.model.config.block_size :]
-        logits, _ = self.model(torch.tensor([window], device=self.device))  # (1, T, vocab)
-        return logits[0, -1]
-
-
 @dataclass(eq=False)
 class _Active:
     seq: Sequence
@@ -152,9 +123,9 @@ class Busy(Exception):
 
 @dataclass(eq=False)
 class Worker:
-    """Owns the engine and its slots; `start()` runs the decode loop on a daemon thread."""
+    """Owns the decode engine and its slots; `start()` runs the decode loop on a daemon thread."""
 
-    engine: object
+    model: torch.nn.Module
     decode: object  # tokenizer.decode
     max_batch: int
     device: torch.device
@@ -164,10 +135,13 @@ class Worker:
     active: dict = field(default_factory=dict)  # slot -> _Active
 
     def __post_init__(self):
+        with autocast(self.device, self.dtype):  # the cache takes the dtype the forward will run in
+            self.engine = DecodeEngine(self.model, self.max_batch)
         self.free_slots = list(range(self.max_batch))[::-1]
         self.cv = threading.Condition()
         self.stopping = False
         self.finished = self.cancelled = 0  # sequences completed, and dropped because their client left
+        self.steps = self.tokens = 0  # batched forwards, and the tokens they produced (tokens/steps = batch)
         self.thread = threading.Thread(target=self._run, name="tinygpt-generate", daemon=True)
 
     # --- called from the event loop -----------------------------------------------------------
@@ -195,7 +169,7 @@ class Worker:
 
     def load(self) -> dict:
         return {"active": len(self.active), "waiting": len(self.waiting), "slots": self.max_batch,
-                "finished": self.finished, "cancelled": self.cancelled}
+                "finished": self.finished, "cancelled": self.cancelled, "steps": self.steps, "tokens": self.tokens}
 
     # --- the worker thread --------------------------------------------------------------------
 
@@ -248,6 +222,8 @@ class Worker:
             else:
                 tokens[slot] = token
         if tokens:
+            self.steps += 1
+            self.tokens += len(tokens)
             for slot, logits in self.engine.step(tokens).items():
                 self.active[slot].logits = logits
 
