@@ -196,19 +196,38 @@ async def stream(worker: Worker, seqs: list[Sequence], head: dict, prefixes: lis
                 yield sse({**head, "choices": [_choice(Event(i, prefix))]})
         remaining, completion_tokens = len(seqs), 0
         while remaining:
-            event = await queue.get()
-            if event.error:
-                yield sse(_server_error(event.error))
+            events = await take_all(queue)
+            if any(e.error for e in events):
+                yield sse(_server_error(next(e.error for e in events if e.error)))
                 return
-            yield sse({**head, "choices": [_choice(event)]})
-            if event.finish:
-                remaining -= 1
-                completion_tokens += event.tokens
+            yield "".join(sse({**head, "choices": [_choice(e)]}) for e in events)
+            for e in events:
+                if e.finish:
+                    remaining -= 1
+                    completion_tokens += e.tokens
         if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
         yield "data: [DONE]\n\n"
     finally:  # also when the client disconnects: the response task is cancelled here
         worker.cancel(seqs)
+
+
+async def take_all(queue: asyncio.Queue) -> list[Event]:
+    """The next event and every one already waiting, merged to one per choice.
+
+    A client that reads slower than the worker writes gets its backlog as one chunk per choice
+    instead of one per token.
+    """
+    merged: dict[int, Event] = {}
+    events = [await queue.get()]
+    while not queue.empty():
+        events.append(queue.get_nowait())
+    for e in events:
+        if e.index in merged:
+            m = merged[e.index]
+            e = Event(e.index, m.text + e.text, e.finish, e.tokens, e.error)
+        merged[e.index] = e
+    return list(merged.values())
 
 
 async def collect(request: Request, worker: Worker, seqs: list[Sequence], head: dict, prefixes: list[str],

@@ -52,8 +52,19 @@ class Sequence:
     queue: asyncio.Queue
     cancelled: bool = False  # set from the event loop when the client is gone; read by the worker
 
-    def emit(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+def post(items: list[tuple[Sequence, Event]]) -> None:
+    """Hand a step's events to the event loop in one call: one wake-up per step, not per token."""
+    by_loop: dict = {}
+    for seq, event in items:
+        by_loop.setdefault(seq.loop, []).append((seq.queue, event))
+    for loop, batch in by_loop.items():
+        loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list) -> None:
+    for queue, event in batch:
+        queue.put_nowait(event)
 
 
 class TextStream:
@@ -201,7 +212,7 @@ class Worker:
 
     def _step(self) -> None:
         """Sample one token for every active sequence, then advance them all in one forward."""
-        tokens = {}
+        tokens, outbox = {}, []
         for slot, a in list(self.active.items()):
             seq = a.seq
             if seq.cancelled:
@@ -215,12 +226,13 @@ class Worker:
             if finish == "length":
                 text += a.text.flush()
             if text or finish:
-                seq.emit(Event(seq.index, text, finish, a.generated if finish else 0))
+                outbox.append((seq, Event(seq.index, text, finish, a.generated if finish else 0)))
             if finish:
                 self.finished += 1
                 self._release(slot)
             else:
                 tokens[slot] = token
+        post(outbox)  # before the forward, so clients have this token while the next is computed
         if tokens:
             self.steps += 1
             self.tokens += len(tokens)
@@ -234,8 +246,8 @@ class Worker:
             self.free_slots.append(slot)
 
     def _fail_all(self, message: str) -> None:
-        for slot, a in list(self.active.items()):
-            a.seq.emit(Event(a.seq.index, error=message))
+        post([(a.seq, Event(a.seq.index, error=message)) for a in self.active.values()])
+        for slot in list(self.active):
             try:
                 self._release(slot)
             except Exception:  # the engine itself is broken; the slot is still ours to reuse
