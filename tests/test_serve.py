@@ -363,17 +363,22 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[dict
         return sse_texts([line async for line in r.aiter_lines()])
 
 
-def test_disconnected_client_frees_its_slot(server):
-    before = server.health()["cancelled"]
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
-                      json={"prompt": "All:", "max_tokens": MAX_TOKENS, "stream": True}) as r:
-        lines = r.iter_lines()
-        assert [next(lines) for _ in range(6)]  # a few tokens arrive; then the client goes away
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "waiting"])
+def test_disconnected_client_frees_its_slots(server, stream):
+    before = server.health()
+    body = {"prompt": "All:", "max_tokens": MAX_TOKENS, "n": 16, "stream": stream}  # 65k tokens: many seconds
+    if stream:
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=30, json=body) as r:
+            lines = r.iter_lines()
+            assert [next(lines) for _ in range(6)]  # a few tokens arrive; then the client goes away
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and hangs up
+            httpx.post(server.url + "/v1/completions", timeout=httpx.Timeout(10, read=0.5), json=body)
     deadline = time.monotonic() + 10
-    while (h := server.health())["active"] or h["cancelled"] == before:
+    while (h := server.health())["active"] or h["cancelled"] < before["cancelled"] + 16:
         assert time.monotonic() < deadline, h
         time.sleep(0.02)
-    assert h["cancelled"] == before + 1
+    assert h["cancelled"] == before["cancelled"] + 16 and h["finished"] == before["finished"]
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "All:", "max_tokens": 5})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5  # still serving
 
@@ -433,6 +438,19 @@ def test_all_interfaces_without_key_warns(tmp_path, capsys):
     assert "warning: listening on 0.0.0.0 without --api-key" in err.splitlines()[0]
     code, err = _cli(capsys, "serve", "--ckpt", tmp_path / "none", "--host", "0.0.0.0", "--api-key", "k")
     assert "warning" not in err
+
+
+def test_port_in_use_or_out_of_range_is_one_line(run_dir, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = _cli(capsys, "serve", "--ckpt", run_dir, "--port", port)
+    assert code == 2 and err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in err
+    code, err = _cli(capsys, "serve", "--ckpt", run_dir, "--port", 70000)
+    assert code == 2 and "--port must be in 0-65535" in err
 
 
 def test_cli_help_does_not_import_the_web_stack():

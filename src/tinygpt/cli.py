@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 is every interface, "
                    "give --api-key with it (default: '127.0.0.1')")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: none)")
+    p.add_argument("--api-key", default=os.environ.get("TINYGPT_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 requests; the environment variable "
+                   "TINYGPT_API_KEY keeps it out of the process list (default: none)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
                    help="sequences decoded together; more wait their turn (default: 16)")
     add_fields(p, C.TrainConfig, only={"device", "dtype"})

@@ -22,6 +22,7 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinygpt.serve.api import MAX_BODY_BYTES, ApiError, CompletionRequest, parse_completion_request
@@ -107,7 +108,8 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream(worker, seqs, head, prefixes, prompt_tokens, include_usage),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(worker.cancel, seqs))  # if never started
         return await collect(request, worker, seqs, head, prefixes, prompt_tokens)
 
     @app.exception_handler(ApiError)
@@ -236,25 +238,33 @@ async def collect(request: Request, worker: Worker, seqs: list[Sequence], head: 
     queue = seqs[0].queue
     texts, finishes = list(prefixes), [None] * len(seqs)
     remaining, completion_tokens = len(seqs), 0
+    gone = asyncio.ensure_future(disconnected(request))
     try:
         while remaining:
-            try:
-                event = await asyncio.wait_for(queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():  # nobody to answer: stop generating for them
-                    return JSONResponse(_server_error("client disconnected"), status_code=499)
-                continue
-            if event.error:
-                return JSONResponse(_server_error(event.error), status_code=500)
-            texts[event.index] += event.text
-            if event.finish:
-                finishes[event.index] = event.finish
-                remaining -= 1
-                completion_tokens += event.tokens
+            events = asyncio.ensure_future(take_all(queue))
+            await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():  # nobody to answer: stop generating for them
+                events.cancel()
+                return JSONResponse(_server_error("client disconnected"), status_code=499)
+            for e in events.result():
+                if e.error:
+                    return JSONResponse(_server_error(e.error), status_code=500)
+                texts[e.index] += e.text
+                if e.finish:
+                    finishes[e.index] = e.finish
+                    remaining -= 1
+                    completion_tokens += e.tokens
     finally:
+        gone.cancel()
         worker.cancel(seqs)
     choices = [_choice(Event(i, t, f)) for i, (t, f) in enumerate(zip(texts, finishes))]
     return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client hangs up: once the body is read, the next ASGI message is that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _unknown_model(name: str, model_id: str) -> ApiError:

@@ -73,6 +73,8 @@ def model_card(run_dir: Path, which: str, model, tokenizer) -> dict:
 
 def bind(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, handed to uvicorn; a port in use is a one-line error."""
+    if not 0 <= port <= 65535:  # getaddrinfo would silently wrap 70000 to 4464
+        raise UserError(f"--port must be in 0-65535 (0 picks a free port), got {port}")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)

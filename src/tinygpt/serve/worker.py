@@ -16,7 +16,7 @@ import collections
 import sys
 import threading
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -132,27 +132,23 @@ class Busy(Exception):
     """More sequences waiting than the worker accepts; the client should retry later."""
 
 
-@dataclass(eq=False)
 class Worker:
     """Owns the decode engine and its slots; `start()` runs the decode loop on a daemon thread."""
 
-    model: torch.nn.Module
-    decode: object  # tokenizer.decode
-    max_batch: int
-    device: torch.device
-    dtype: torch.dtype
-    max_waiting: int = 1024
-    waiting: collections.deque = field(default_factory=collections.deque)
-    active: dict = field(default_factory=dict)  # slot -> _Active
-
-    def __post_init__(self):
-        with autocast(self.device, self.dtype):  # the cache takes the dtype the forward will run in
-            self.engine = DecodeEngine(self.model, self.max_batch)
-        self.free_slots = list(range(self.max_batch))[::-1]
+    def __init__(self, model: torch.nn.Module, decode, max_batch: int, device: torch.device, dtype: torch.dtype,
+                 max_waiting: int = 1024):
+        self.decode = decode  # the tokenizer's ids -> text
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.device, self.dtype = device, dtype
+        with autocast(device, dtype):  # the cache takes the dtype the forward will run in
+            self.engine = DecodeEngine(model, max_batch)
+        self.waiting: collections.deque[Sequence] = collections.deque()  # guarded by cv
+        self.free_slots = list(range(max_batch))[::-1]  # guarded by cv
+        self.active: dict[int, _Active] = {}  # slot -> its sequence; the worker thread's alone
         self.cv = threading.Condition()
         self.stopping = False
         self.finished = self.cancelled = 0  # sequences completed, and dropped because their client left
-        self.steps = self.tokens = 0  # batched forwards, and the tokens they produced (tokens/steps = batch)
+        self.steps = self.tokens = 0  # batched forwards, and the sequences they advanced (tokens/steps = batch)
         self.thread = threading.Thread(target=self._run, name="tinygpt-generate", daemon=True)
 
     # --- called from the event loop -----------------------------------------------------------
