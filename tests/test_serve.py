@@ -192,6 +192,21 @@ def test_text_stream_holds_back_what_may_become_a_stop_sequence():
     assert s.text == "qaxyq"
     s = TextStream(decode, ("ab",))
     assert s.push(ord("a")) == ("", False) and s.flush() == "a"  # the end releases what was held
+    utf8 = TextStream(lambda ids: bytes(ids).decode("utf-8", errors="replace"))  # byte-level BPE's case
+    assert [utf8.push(b) for b in "é!".encode()] == [("", False), ("é", False), ("!", False)]
+
+
+def test_bigram_run_is_served_too(tmp_path):
+    from fastapi.testclient import TestClient
+
+    data = tmp_path / "tiny.txt"
+    data.write_text(TINY_TEXT, encoding="utf-8")
+    train(*tiny_configs(data, tmp_path / "bigram", model="bigram", max_iters=20), log=lambda *a, **k: None)
+    with TestClient(create_app(load_served(str(tmp_path / "bigram"), "best", "cpu"))) as client:
+        r = client.post("/v1/completions", json={"prompt": "All:", "max_tokens": 30, "seed": 5})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected(load_run(tmp_path / "bigram", "best"), "All:", 30, 5, 1.0)
+        assert client.get("/v1/models").json()["data"][0]["model"] == "bigram"
 
 
 def test_backlog_is_merged_to_one_chunk_per_choice():
