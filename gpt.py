@@ -10,4 +10,4 @@ except ImportError:  # run from a fresh clone without installing: use the source
     from tinygpt.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", "--model", "gpt", *sys.argv[1:]]))
+    sys.exit(main(["train", "--model", "gpt", *sys.argv[1:]], script="gpt.py"))

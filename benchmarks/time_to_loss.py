@@ -1,5 +1,6 @@
 """Time to loss: run a training command several times, report the median wall time from the
-command's start until the whole-val-split loss is printed, and that loss.
+command's start until its whole-val-split loss is known, and that loss (read from the run's
+metrics.jsonl, the final record, which also gives the seconds since the run started).
 
     python benchmarks/time_to_loss.py --runs 3 -- tinygpt train --preset cpu-quick
     python benchmarks/time_to_loss.py --runs 3 -- python bigram.py
@@ -10,7 +11,6 @@ command and writes the raw figures as JSON.
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -18,23 +18,20 @@ import tempfile
 import time
 from pathlib import Path
 
-FINAL = re.compile(r"val loss over the whole val split: ([0-9.]+) nats/token")
-
-
 def one_run(cmd: list[str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix="ttl-")) / "run"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    loss, t_loss = None, None
-    for line in proc.stdout:
-        m = FINAL.search(line)
-        if m and loss is None:
-            loss, t_loss = float(m.group(1)), time.perf_counter() - t0
-    proc.wait()
+    proc = subprocess.run([*cmd, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     total = time.perf_counter() - t0
-    if proc.returncode != 0 or loss is None:
-        raise SystemExit(f"command failed (exit {proc.returncode}) or printed no final val loss: {' '.join(cmd)}")
-    return {"val_loss": loss, "seconds_to_loss": t_loss, "seconds_total": total}
+    finals = []
+    if (out / "metrics.jsonl").is_file():
+        finals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "final_val_loss" in r]
+    if proc.returncode != 0 or not finals:
+        raise SystemExit(f"command failed (exit {proc.returncode}) or wrote no final val loss: {' '.join(cmd)}\n"
+                         + proc.stderr[-2000:])
+    # since_start: seconds from the process's start (before torch is imported) to the final loss
+    return {"val_loss": finals[-1]["final_val_loss"], "best_step": finals[-1].get("best_step"),
+            "seconds_to_loss": finals[-1]["since_start"], "seconds_total": total}
 
 
 def main() -> int:
@@ -47,7 +44,7 @@ def main() -> int:
     if not cmd:
         p.error("give the training command after --")
     runs = [one_run(cmd) for _ in range(args.runs)]
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    med = {k: statistics.median(r[k] for r in runs) for k in ("val_loss", "seconds_to_loss", "seconds_total")}
     print("| command | runs | val loss (whole split) | s to that loss | s in all |")
     print("|---|---:|---:|---:|---:|")
     print(f"| `{' '.join(cmd)}` | {len(runs)} | {med['val_loss']:.4f} | {med['seconds_to_loss']:.1f} "

@@ -68,7 +68,7 @@ def test_bench_runs_and_reports_identical_sampling(tmp_path):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text('n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 16\nbatch_size = 4\ndropout = 0.0\n')
     out = tmp_path / "bench.json"
-    r = run_cli("bench", "--preset", cfg, "--iters", 1, "--json", out)
+    r = run_cli("bench", "--preset", cfg, "--iters", 1, "--vocab-size", 65, "--json", out)
     assert r.returncode == 0, r.stderr
     assert "| plain | float32 | reference | no |" in r.stdout
     figures = json.loads(out.read_text())
@@ -88,7 +88,8 @@ def test_bench_skips_bf16_peak_without_native_bf16_units(tmp_path, monkeypatch, 
     cfg = tmp_path / "tiny.toml"
     cfg.write_text('n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 16\nbatch_size = 4\ndropout = 0.0\n')
     out = tmp_path / "bench.json"
-    assert main(["bench", "--preset", str(cfg), "--iters", "1", "--device", "cpu", "--json", str(out)]) == 0
+    assert main(["bench", "--preset", str(cfg), "--iters", "1", "--device", "cpu", "--vocab-size", "65",
+                 "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert set(figures["peak_flops"]) == {"float32"}
     assert figures["train"]["fast"]["dtype"] == "float32"

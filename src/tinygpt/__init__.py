@@ -1,33 +1,54 @@
 """tinygpt: GPT from scratch, as real software.
 
     from tinygpt import GPTLanguageModel, BigramLanguageModel, CharTokenizer, load_run
-"""
-# ruff: noqa: E402  (STARTED is taken before the heavy imports)
 
+Names are imported on first use (PEP 562), so `import tinygpt` and `tinygpt --help` stay
+light: torch is loaded only by the code that needs it.
+"""
+
+import importlib
 import time
 
 STARTED = time.perf_counter()  # before torch is imported: "time since the command started"
 
-from tinygpt.checkpoint import load_run
-from tinygpt.config import ModelConfig, SampleConfig, TrainConfig
-from tinygpt.errors import UserError
-from tinygpt.model import BigramLanguageModel, GPTLanguageModel, build_model
-from tinygpt.sampling import generate_stream, sample_next_token
-from tinygpt.tokenizer import BPETokenizer, CharTokenizer
-from tinygpt.train import train
+_WHERE = {
+    "BigramLanguageModel": "model",
+    "GPTLanguageModel": "model",
+    "build_model": "model",
+    "BPETokenizer": "tokenizer",
+    "CharTokenizer": "tokenizer",
+    "ModelConfig": "config",
+    "SampleConfig": "config",
+    "TrainConfig": "config",
+    "UserError": "errors",
+    "DecodeEngine": "engine",
+    "generate_stream": "sampling",
+    "sample_next_token": "sampling",
+    "load_run": "checkpoint",
+}
+# The training function is `tinygpt.train.train`: the name `tinygpt.train` is its module, which
+# Python binds on the package as soon as anything imports it.
 
-__all__ = [
-    "BigramLanguageModel",
-    "BPETokenizer",
-    "CharTokenizer",
-    "GPTLanguageModel",
-    "ModelConfig",
-    "SampleConfig",
-    "TrainConfig",
-    "UserError",
-    "build_model",
-    "generate_stream",
-    "load_run",
-    "sample_next_token",
-    "train",
-]
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"tinygpt.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tinygpt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("tinygpt")
+    except PackageNotFoundError:
+        return "unknown"

@@ -20,38 +20,27 @@ import torch
 from tinygpt import config as C
 from tinygpt import runtime
 from tinygpt.model import GPTLanguageModel
+from tinygpt.optim import make_optimizer
 from tinygpt.runtime import autocast, inference_dtype, resolve_attention, resolve_device, resolve_dtype
-from tinygpt.train import make_optimizer
-
-LECTURE = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2, "batch_size": 64}
 
 
-def add_bench_args(p) -> None:
-    p.add_argument("--preset", default="lecture",
-                   help="model config to measure: 'lecture' (6x6x384, block 256, batch 64, dropout 0.2) "
-                   "or any preset name, or a settings .toml file (default: 'lecture')")
-    p.add_argument("--iters", type=int, default=3, help="timed training iterations per path (default: 3)")
-    p.add_argument("--repeats", type=int, default=1, help="repeat each timing and report the median (default: 1)")
-    p.add_argument("--sample-tokens", type=int, default=None,
-                   help="tokens to generate when timing sampling (default: block_size - 1, inside one block)")
-    p.add_argument("--compile", action=__import__("argparse").BooleanOptionalAction, default=False,
-                   help="also time the fast path under torch.compile (default: off)")
-    p.add_argument("--skip-plain", action="store_true", help="do not time the plain path (quick checks)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="(default: 'auto')")
-    p.add_argument("--json", default="bench.json", metavar="PATH", help="where to write the figures "
-                   "(default: 'bench.json')")
-
-
-def bench_settings(name: str) -> tuple[C.ModelConfig, int]:
+def bench_settings(name: str, vocab_size: int | None = None) -> tuple[C.ModelConfig, int]:
+    """The model and batch size to measure: "lecture" is `python gpt.py`'s defaults."""
     if name == "lecture":
-        values = dict(LECTURE)
+        values = {}
     elif name.endswith(".toml"):
         values = C.load_config_file(name)
     else:
         values = C.load_preset(name)
-    model_cfg = C.build(C.ModelConfig, {**values, "vocab_size": 65})
-    batch = values.get("batch_size", C.TrainConfig.batch_size)
-    return model_cfg, batch
+    model_cfg = C.build(C.ModelConfig, {**values, "vocab_size": vocab_size or shakespeare_vocab_size()})
+    return model_cfg, values.get("batch_size", C.TrainConfig.batch_size)
+
+
+def shakespeare_vocab_size() -> int:
+    """The character vocabulary of Tiny Shakespeare (found or downloaded as `train` would)."""
+    from tinygpt.data import find_corpus, read_text
+
+    return len(set(read_text(find_corpus())))
 
 
 def peak_matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, budget_s: float = 2.0,
@@ -134,30 +123,30 @@ def time_training(model_cfg: C.ModelConfig, batch: int, device, dtype, kernel: s
 
 
 @torch.no_grad()
-def time_sampling(model_cfg: C.ModelConfig, device, dtype, kernel: str, n_tokens: int) -> dict:
+def time_sampling(model_cfg: C.ModelConfig, device, dtype, kernel: str, n_tokens: int, batch: int) -> dict:
+    """chars/s of sampling: batch 1 without and with the decode engine (and whether the texts are
+    identical), and a batch of `batch` sequences through the engine."""
     torch.manual_seed(0)
     model = GPTLanguageModel(model_cfg).to(device).eval()
     model.set_attention(kernel)
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-    out = {}
-    for use_cache in (False, True):
+    out, texts = {}, {}
+    for name, rows, use_cache in (("no_cache", 1, False), ("cache", 1, True), ("cache_batch", batch, True)):
+        prompt = torch.zeros((rows, 1), dtype=torch.long, device=device)
         gen = torch.Generator(device=device).manual_seed(0)
         with autocast(device, dtype):
-            model.generate(prompt, 4, generator=gen, use_cache=use_cache)  # warm-up
+            model.generate(prompt, 4, generator=gen, use_cache=use_cache)  # warm-up (and CUDA-graph capture)
             gen.manual_seed(1337)
             _sync(device)
             t0 = time.perf_counter()
-            tokens = model.generate(prompt, n_tokens, generator=gen, use_cache=use_cache)
+            texts[name] = model.generate(prompt, n_tokens, generator=gen, use_cache=use_cache)
             _sync(device)
-        sec = time.perf_counter() - t0
-        out["cache" if use_cache else "no_cache"] = {"chars_per_sec": n_tokens / sec, "tokens": tokens}
-    same = torch.equal(out["cache"].pop("tokens"), out["no_cache"].pop("tokens"))
-    return {**out, "identical": same}
+        out[name] = {"chars_per_sec": rows * n_tokens / (time.perf_counter() - t0), "batch": rows}
+    return {**out, "identical": torch.equal(texts["cache"], texts["no_cache"])}
 
 
 def run_bench(args) -> int:
     device = resolve_device(args.device)
-    model_cfg, batch = bench_settings(args.preset)
+    model_cfg, batch = bench_settings(args.preset, args.vocab_size)
     fast_dtype = resolve_dtype("auto", device)
     fast_kernel = resolve_attention("auto", device)
     n_tokens = args.sample_tokens or model_cfg.block_size - 1
@@ -182,7 +171,7 @@ def run_bench(args) -> int:
                                 ("fast", inference_dtype("auto", device), fast_kernel)]:
         if name == "plain" and args.skip_plain:
             continue
-        results["sample"][name] = time_sampling(model_cfg, device, dtype, kernel, n_tokens)
+        results["sample"][name] = time_sampling(model_cfg, device, dtype, kernel, n_tokens, args.sample_batch)
 
     print(format_table(results, n_tokens))
     with open(args.json, "w", encoding="utf-8") as f:
@@ -207,9 +196,11 @@ def format_table(r: dict, n_tokens: int) -> str:
         mfu = "—" if t["mfu"] is None else f"{t['mfu']:.1%}"
         lines.append(f"| {name} | {t['dtype']} | {t['attention']} | {'yes' if t['compile'] else 'no'} | "
                      f"{t['ms_per_iter']:,.0f} | {t['tokens_per_sec']:,.0f} | {mfu} | {ratio} |")
-    lines += ["", f"| sampling ({n_tokens} tokens, batch 1) | no cache chars/s | KV cache chars/s | speed-up "
-              "| identical text |", "|---|---:|---:|---:|---|"]
+    batch = next(iter(r["sample"].values()))["cache_batch"]["batch"] if r["sample"] else 0
+    lines += ["", f"| sampling ({n_tokens} tokens) | batch 1, no cache chars/s | batch 1, decode engine chars/s "
+              f"| speed-up | batch {batch}, decode engine chars/s | identical text |", "|---|---:|---:|---:|---:|---|"]
     for name, s in r["sample"].items():
-        a, b = s["no_cache"]["chars_per_sec"], s["cache"]["chars_per_sec"]
-        lines.append(f"| {name} | {a:,.0f} | {b:,.0f} | {b / a:.1f}x | {'yes' if s['identical'] else 'NO'} |")
+        a, b, c = (s[k]["chars_per_sec"] for k in ("no_cache", "cache", "cache_batch"))
+        same = "yes" if s["identical"] else "NO"
+        lines.append(f"| {name} | {a:,.0f} | {b:,.0f} | {b / a:.1f}x | {c:,.0f} | {same} |")
     return "\n".join(lines)

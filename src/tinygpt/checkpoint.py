@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import tinygpt
 from tinygpt import config as C
 from tinygpt.errors import UserError
 from tinygpt.tokenizer import load_tokenizer
@@ -112,17 +113,8 @@ def versions() -> dict:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "safetensors": safetensors.__version__,
-        "tinygpt": _tinygpt_version(),
+        "tinygpt": tinygpt.version(),
     }
-
-
-def _tinygpt_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tinygpt")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def write_run_files(run_dir: Path, model_cfg, train_cfg, tokenizer, extra: dict | None = None) -> None:
@@ -181,13 +173,14 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, bes
 
 
 def _prune(run_dir: Path) -> None:
-    keep = {_pointer(run_dir, p) for p in ("latest", "best")}
+    keep = {pointer(run_dir, p) for p in ("latest", "best")}
     for d in (run_dir / "checkpoints").iterdir():
         if d.is_dir() and f"checkpoints/{d.name}" not in keep:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _pointer(run_dir: Path, which: str) -> str | None:
+def pointer(run_dir: Path, which: str) -> str | None:
+    """The checkpoint `latest.json` / `best.json` names (relative to the run), or None."""
     p = run_dir / f"{which}.json"
     try:
         return json.loads(p.read_text(encoding="utf-8"))["checkpoint"]
@@ -202,7 +195,10 @@ def read_run_meta(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise UserError(f"run directory {run_dir} does not exist; give the --out of a `tinygpt train` run")
-    if not run_dir.is_dir() or not (run_dir / "run.json").is_file():
+    if run_dir.is_file():
+        where = run_dir.parent if run_dir.name == "run.json" else "the directory tinygpt train wrote"
+        raise UserError(f"{run_dir} is a file, not a run directory; give the directory that holds run.json ({where})")
+    if not (run_dir / "run.json").is_file():
         raise UserError(f"{run_dir} is not a tinygpt run directory (no run.json); give a directory tinygpt train wrote")
     try:
         meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
@@ -218,9 +214,9 @@ def read_run_meta(run_dir: Path) -> dict:
 
 
 def checkpoint_dir(run_dir: Path, which: str = "latest") -> Path:
-    rel = _pointer(Path(run_dir), which)
+    rel = pointer(Path(run_dir), which)
     if rel is None:
-        if which == "best" and _pointer(Path(run_dir), "latest"):
+        if which == "best" and pointer(Path(run_dir), "latest"):
             return checkpoint_dir(run_dir, "latest")
         raise UserError(f"{run_dir} holds no checkpoint yet ({which}.json missing or garbled); train it first")
     return Path(run_dir) / rel
@@ -233,11 +229,22 @@ def configs_from_meta(meta: dict):
         raise UserError(f"run.json is garbled ({e}); the run directory is damaged") from None
 
 
-def load_weights(path: Path, model: torch.nn.Module) -> None:
+def load_weights(path: Path, model: torch.nn.Module, grown: bool = False) -> None:
+    """Load a safetensors file into `model`, refusing (one line) a damaged file or one that does
+    not fit. `grown`: the model's vocabulary was extended (fine-tuning with --grow-vocab), so
+    the saved rows (and bigram columns) are copied and the new entries keep their fresh init."""
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"weights file {path} is truncated or corrupted ({e}); use another checkpoint") from None
+    if grown:
+        own = model.state_dict()
+        for name, tensor in state.items():
+            if name in own and own[name].shape != tensor.shape and own[name].dim() == tensor.dim() and all(
+                a >= b for a, b in zip(own[name].shape, tensor.shape)
+            ):
+                own[name][tuple(slice(0, n) for n in tensor.shape)] = tensor
+                state[name] = own[name]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # same names, other shapes: weights of a different model
@@ -266,6 +273,7 @@ def load_run_tokenizer(run_dir: Path, model_cfg):
 def load_run(run_dir: str | Path, which: str = "latest", device: str | torch.device = "cpu"):
     """Model (in eval mode) and tokenizer from a run directory. The public loader."""
     from tinygpt.model import build_model
+    from tinygpt.runtime import resolve_attention
 
     run_dir = Path(run_dir)
     meta = read_run_meta(run_dir)
@@ -273,6 +281,8 @@ def load_run(run_dir: str | Path, which: str = "latest", device: str | torch.dev
     tokenizer = load_run_tokenizer(run_dir, model_cfg)
     model = build_model(model_cfg)
     load_weights(checkpoint_dir(run_dir, which) / "model.safetensors", model)
+    device = torch.device(device)
+    model.set_attention(resolve_attention(model_cfg.attention, device))  # "auto": the kernel for this device
     return model.to(device).eval(), tokenizer
 
 

@@ -1,13 +1,16 @@
-"""The `tinygpt` command: train, sample, eval, serve, bench, plot, presets.
+"""The `tinygpt` command: train, sample, eval, serve, runs, export, bench, plot, presets.
 
 Flags are generated from the config dataclasses, so `--help` always shows every setting with its
-default and meaning. Errors the user can fix print one line and exit with status 2.
+default and meaning. Errors the user can fix print one line and exit with status 2. Nothing
+heavy is imported until a command runs: `tinygpt --help` does not load torch.
 """
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,9 +19,21 @@ from tinygpt.errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit status 2 (no usage dump)."""
+    """argparse, but a bad flag is one line on stderr and exit status 2 (no usage dump), with
+    the nearest known flags suggested; flags are never abbreviated."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flag = unknown.group(1).split("=")[0]
+            known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            near = difflib.get_close_matches(flag, known, n=2, cutoff=0.6)
+            if near:
+                message = f"unknown flag {flag}; did you mean {' or '.join(near)}?"
         sys.stderr.write(f"{self.prog}: error: {message}; see {self.prog} --help\n")
         sys.exit(2)
 
@@ -31,11 +46,12 @@ def add_fields(parser: argparse.ArgumentParser, cls, extra_defaults: dict | None
         if only is not None and f.name not in only:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_text = f.metadata["help"] + f" (default: {default!r}"
-        if extra_defaults and f.name in extra_defaults:
-            help_text += f"; bigram: {extra_defaults[f.name]!r}"
-        help_text += ")"
+        help_text = f.metadata["help"]
+        if "(default:" not in help_text:  # the help already says what the default means
+            help_text += f" (default: {f.default!r}"
+            if extra_defaults and f.name in extra_defaults:
+                help_text += f"; bigram: {extra_defaults[f.name]!r}"
+            help_text += ")"
         kwargs = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
         base = C.field_base_type(f)
         if base is bool:
@@ -48,12 +64,21 @@ def add_fields(parser: argparse.ArgumentParser, cls, extra_defaults: dict | None
         group.add_argument(flag, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="RUN", help="run directory written by tinygpt train")
+    p.add_argument("--which", choices=("best", "latest"), default="best",
+                   help="which checkpoint of the run: the best val loss or the latest (default: 'best')")
+
+
+def build_parser(script: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; `script` names `gpt.py` / `bigram.py` when they are the entry point."""
     parser = Parser(prog="tinygpt", description="GPT from scratch: train, sample and evaluate "
                     "character-level language models.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser.add_argument("--version", action="store_true", help="print tinygpt's version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
 
     p = sub.add_parser("train", help="train a model and write a run directory",
+                       prog=f"python {script}" if script else None,
                        description="Train a Bigram or GPT model. Settings are layered: lecture defaults "
                        "< --preset < --config < flags.")
     p.add_argument("--preset", help=f"named settings shipped with tinygpt: {', '.join(C.list_presets())}")
@@ -63,10 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(p, C.TrainConfig, C.BIGRAM_DEFAULTS)
 
     p = sub.add_parser("sample", help="generate text from a trained run",
-                       description="Print text that continues a prompt, streamed as it is generated.")
-    p.add_argument("--ckpt", required=True, metavar="DIR", help="run directory written by tinygpt train")
-    p.add_argument("--which", choices=("latest", "best"), default="latest",
-                   help="which checkpoint of the run (default: 'latest')")
+                       description="Print text that continues a prompt, streamed as it is generated. "
+                       "--num-samples N are generated together, as one batch.")
+    add_run_args(p)
     add_fields(p, C.SampleConfig)
     add_fields(p, C.TrainConfig, only={"device", "dtype"})
 
@@ -74,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Loss in nats per token and bits per character over the whole val and "
                        "train splits: consecutive non-overlapping windows of block_size, each token "
                        "predicted once.")
-    p.add_argument("--ckpt", required=True, metavar="DIR", help="run directory written by tinygpt train")
-    p.add_argument("--which", choices=("latest", "best"), default="latest",
-                   help="which checkpoint of the run (default: 'latest')")
+    add_run_args(p)
     p.add_argument("--data", help="text file to evaluate on (default: the run's own data)")
     p.add_argument("--split", choices=("val", "train", "both"), default="both",
                    help="which split(s) to evaluate (default: 'both')")
@@ -87,9 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a run: OpenAI-compatible completions API and a web playground",
                        description="Serve a trained run over HTTP: POST /v1/completions in OpenAI's shape "
                        "(streamed or not), GET /v1/models, GET /health, and a playground page at /.")
-    p.add_argument("--ckpt", required=True, metavar="DIR", help="run directory written by tinygpt train")
-    p.add_argument("--which", choices=("latest", "best"), default="best",
-                   help="which checkpoint of the run; best falls back to latest (default: 'best')")
+    add_run_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 is every interface, "
                    "give --api-key with it (default: '127.0.0.1')")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
@@ -100,11 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoded together; more wait their turn (default: 16)")
     add_fields(p, C.TrainConfig, only={"device", "dtype"})
 
-    p = sub.add_parser("presets", help="list the shipped presets")
+    p = sub.add_parser("runs", help="list the runs in a directory as a table",
+                       description="One line per run: name, model size, steps, best val loss, bits/char, date.")
+    p.add_argument("dir", nargs="?", default="runs", help="directory holding run directories (default: 'runs')")
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face transformers model (GPT-2 layout)",
+                       description="Write a GPT run as a directory that transformers' AutoModelForCausalLM "
+                       "and AutoTokenizer load with no custom code: GPT2LMHeadModel weights (safetensors), "
+                       "config.json and the run's tokenizer. Runs whose architecture GPT-2 lacks are refused.")
+    p.add_argument("run", metavar="RUN", help="run directory written by tinygpt train")
+    p.add_argument("--to", choices=("hf",), default="hf", help="output format: hf = transformers (default: 'hf')")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="directory to write; it must not exist or be empty (nothing is overwritten)")
+    p.add_argument("--which", choices=("latest", "best"), default="best",
+                   help="which checkpoint of the run (default: 'best')")
+
+    sub.add_parser("presets", help="list the shipped presets")
 
     p = sub.add_parser("bench", help="benchmark the fast paths against the plain reference path")
-    from tinygpt.bench import add_bench_args
-
     add_bench_args(p)
 
     p = sub.add_parser("plot", help="plot train/val loss of one or more runs to a PNG")
@@ -117,9 +150,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_bench_args(p) -> None:
+    p.add_argument("--preset", default="lecture",
+                   help="model config to measure: 'lecture' (python gpt.py's defaults) or any preset name, "
+                   "or a settings .toml file (default: 'lecture')")
+    p.add_argument("--iters", type=int, default=3, help="timed training iterations per path (default: 3)")
+    p.add_argument("--repeats", type=int, default=1, help="repeat each timing and report the median (default: 1)")
+    p.add_argument("--sample-tokens", type=int, default=None,
+                   help="tokens to generate when timing sampling (default: block_size - 1, inside one block)")
+    p.add_argument("--sample-batch", type=int, default=64,
+                   help="batch size of the batched sampling measurement (default: 64)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary of the measured model (default: Tiny Shakespeare's characters)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="also time the fast path under torch.compile (default: off)")
+    p.add_argument("--skip-plain", action="store_true", help="do not time the plain path (quick checks)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="(default: 'auto')")
+    p.add_argument("--json", default="bench.json", metavar="PATH", help="where to write the figures "
+                   "(default: 'bench.json')")
+
+
+def main(argv: list[str] | None = None, script: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser(script)
+    args = parser.parse_args(argv)
+    if args.version:
+        from tinygpt import version
+
+        print(f"tinygpt {version()}")
+        return 0
+    if not args.command:
+        parser.error("choose a command: train, sample, eval, runs, bench, plot or presets")
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
@@ -133,17 +194,45 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args) -> int:
     from tinygpt.distributed import process_group
-    from tinygpt.train import Stopped, resume_flags, train
+    from tinygpt.runs import settings_from_flags
+    from tinygpt.train import Stopped, train
 
-    flags = {k: v for k, v in vars(args).items() if k != "command"}
-    # On --resume, flags are checked against the saved run, whose settings fill in the rest.
-    model_cfg, train_cfg = C.resolve_train_settings(resume_flags(flags) if flags.get("resume") else flags)
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "version")}
+    model_cfg, train_cfg = settings_from_flags(flags)
     try:
         with process_group(train_cfg.device) as dist:  # one process unless started by torchrun
-            train(model_cfg, train_cfg, flags, dist=dist)
+            result = train(model_cfg, train_cfg, dist=dist)
+            if not dist.is_main:
+                return 0
+            if train_cfg.plot:
+                from tinygpt.plot import plot_runs
+
+                plot_runs([result.run_dir])  # RUN/loss.png; `tinygpt plot` redraws it or compares runs
+            if train_cfg.sample_chars:
+                print_sample(result, train_cfg)
     except Stopped as s:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):  # saved already: a second signal ends it at once
+            signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
         return s.exit_code
     return 0
+
+
+def print_sample(result, cfg: C.TrainConfig) -> None:
+    """The lecture's ending: `sample_chars` characters from token 0, from the reported model."""
+    import torch
+
+    from tinygpt.runtime import autocast, inference_dtype
+    from tinygpt.sampling import generate_stream
+
+    device = result.device
+    model = result.model.eval()
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)  # token 0, as the lecture
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    with autocast(device, inference_dtype(cfg.dtype, device)):
+        ids = [int(t) for t in generate_stream(model, prompt, cfg.sample_chars, generator=gen)]
+    print(result.tokenizer.decode(ids)[: cfg.sample_chars])  # BPE tokens spell >= 1 character each
 
 
 def cmd_sample(args) -> int:
@@ -164,36 +253,52 @@ def cmd_sample(args) -> int:
         prompt = "".join(ch for ch in prompt if ch not in set(unknown))
         sys.stderr.write(f"dropped unknown character(s) from the prompt: {', '.join(map(repr, unknown))}\n")
     ids = tokenizer.encode(prompt) or [0]  # an empty prompt starts from token 0, as the lecture
+    say_which(args.ckpt, args.which)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # all samples: one batch
+    new: list[list[int]] = [[] for _ in range(cfg.num_samples)]
     out = sys.stdout
-    for i in range(cfg.num_samples):
-        if i:
-            out.write("\n---------------\n")
+    stream = cfg.num_samples == 1  # one sample is printed as it is generated
+    shown = ""
+    if stream:
         out.write(prompt)
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        new: list[int] = []
-        shown = ""
-        with autocast(device, dtype):
-            for t in generate_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                     cfg.top_p, gen, cfg.kv_cache):
-                new.append(int(t))
-                text = tokenizer.decode(new)
+    with autocast(device, dtype):
+        for t in generate_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gen,
+                                 cfg.kv_cache):
+            for row, token in zip(new, t[:, 0].tolist()):
+                row.append(token)
+            if stream:
+                text = tokenizer.decode(new[0])
                 if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     out.write(text[len(shown):])
                     out.flush()
                     shown = text
-        out.write(tokenizer.decode(new)[len(shown):] + "\n")
+    if stream:
+        out.write(tokenizer.decode(new[0])[len(shown):] + "\n")
+        return 0
+    for i, row in enumerate(new):
+        if i:
+            out.write("\n---------------\n")
+        out.write(prompt + tokenizer.decode(row) + "\n")
     return 0
+
+
+def say_which(run_dir, which: str) -> None:
+    """On stderr (stdout is the text): the checkpoint a command reads."""
+    from tinygpt.checkpoint import checkpoint_dir, pointer
+
+    used = "best" if which == "best" and pointer(Path(run_dir), "best") else "latest"
+    note = "" if used == which else " (the run has no best checkpoint yet)"
+    sys.stderr.write(f"using the {used} checkpoint{note}: {checkpoint_dir(Path(run_dir), used)}\n")
 
 
 def cmd_eval(args) -> int:
     import torch
 
     from tinygpt.checkpoint import configs_from_meta, load_run, read_run_meta
-    from tinygpt.data import read_text
+    from tinygpt.data import encode_corpus, read_text
     from tinygpt.evaluate import evaluate_split
     from tinygpt.runtime import resolve_device, resolve_dtype
-    from tinygpt.train import encode_corpus
 
     device = resolve_device(getattr(args, "device", "auto"))
     dtype = resolve_dtype(getattr(args, "dtype", "auto"), device)
@@ -201,8 +306,8 @@ def cmd_eval(args) -> int:
     model_cfg, _ = configs_from_meta(meta)
     model, tokenizer = load_run(args.ckpt, args.which, device)
     data_path = Path(args.data or meta["data_path"])
-    text = read_text(data_path)
-    corpus = encode_corpus(data_path, text, tokenizer, model_cfg.block_size)
+    corpus = encode_corpus(data_path, read_text(data_path), tokenizer, model_cfg.block_size)
+    say_which(args.ckpt, args.which)
     results = {"run": str(args.ckpt), "data": str(data_path)}
     splits = {"val": (corpus.val, corpus.val_chars), "train": (corpus.train, corpus.train_chars)}
     for name in ("val", "train") if args.split == "both" else (args.split,):
@@ -228,6 +333,21 @@ def cmd_serve(args) -> int:
                  getattr(args, "dtype", "auto"), args.api_key, args.max_batch)
 
 
+def cmd_runs(args) -> int:
+    from tinygpt.runs import list_runs
+
+    print(list_runs(Path(args.dir)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tinygpt.hf import export_run
+
+    out = export_run(args.run, args.out, args.which)
+    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def cmd_presets(args) -> int:
     for name, description in C.list_presets().items():
         print(f"{name:14s} {description}")
@@ -248,8 +368,8 @@ def cmd_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "serve": cmd_serve, "presets": cmd_presets,
-            "bench": cmd_bench, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "serve": cmd_serve, "runs": cmd_runs,
+            "export": cmd_export, "presets": cmd_presets, "bench": cmd_bench, "plot": cmd_plot}
 
 
 if __name__ == "__main__":

@@ -24,9 +24,13 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 
-def setting(default: Any, help: str, choices: tuple | None = None, cli: bool = True):
-    """A dataclass field that carries its own help text (and allowed values)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+def setting(default: Any, help: str, choices: tuple | None = None, cli: bool = True,
+            gt: float | None = None, ge: float | None = None, lt: float | None = None,
+            le: float | None = None):
+    """A dataclass field that carries its own help text, allowed values and limits
+    (gt: greater than, ge: at least, lt: less than, le: at most), all checked by `check_fields`."""
+    limits = {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli, "limits": limits})
 
 
 @dataclass
@@ -34,24 +38,28 @@ class ModelConfig:
     """The architecture. Defaults are the lecture's final GPT."""
 
     model: str = setting("gpt", "which model to train", choices=("gpt", "bigram"))
-    vocab_size: int = setting(0, "number of tokens; taken from the tokenizer", cli=False)
-    block_size: int = setting(256, "context length in tokens")
-    n_layer: int = setting(6, "number of transformer blocks")
-    n_head: int = setting(6, "attention heads per block")
-    n_embd: int = setting(384, "embedding width; must be divisible by n_head")
-    dropout: float = setting(0.2, "dropout on residual branches and embeddings (0 = off)")
+    vocab_size: int = setting(0, "number of tokens; taken from the tokenizer", cli=False, ge=0)
+    block_size: int = setting(256, "context length in tokens", gt=0)
+    n_layer: int = setting(6, "number of transformer blocks", gt=0)
+    n_head: int = setting(6, "attention heads per block", gt=0)
+    n_embd: int = setting(384, "embedding width; must be divisible by n_head", gt=0)
+    dropout: float = setting(0.2, "dropout on the outputs of attention and feed-forward, before they join the "
+                             "residual stream (0 = off)", ge=0, lt=1)
     attn_dropout: float | None = setting(
-        None, "dropout on attention probabilities (default: same as --dropout, as the lecture)"
+        None, "dropout on attention probabilities (default: same as --dropout, as the lecture)", ge=0, lt=1
     )
     pos_emb: str = setting(
         "learned", "position encoding: learned table (lecture) or rotary", choices=("learned", "rope")
     )
     norm: str = setting("layernorm", "normalisation layer", choices=("layernorm", "rmsnorm"))
     activation: str = setting(
-        "relu", "feed-forward non-linearity (relu2 = squared ReLU)", choices=("relu", "relu2", "gelu")
+        "relu", "feed-forward non-linearity (relu2 = squared ReLU; gelu_tanh = GELU's tanh approximation, GPT-2's)",
+        choices=("relu", "relu2", "gelu", "gelu_tanh"),
     )
     qk_norm: bool = setting(False, "normalise queries and keys (parameter-free RMSNorm per head) before attention")
     tie_embeddings: bool = setting(False, "share the token embedding with the output head")
+    attn_bias: bool = setting(False, "bias on the query/key/value projection (GPT-2 has one; the lecture does not)")
+    head_bias: bool = setting(True, "bias on the output head (the lecture's has one; GPT-2's does not)")
     attention: str = setting(
         "auto",
         "attention kernel: auto picks the fastest measured for the device; reference is the "
@@ -60,13 +68,7 @@ class ModelConfig:
     )
 
     def __post_init__(self):
-        _check_choices(self)
-        _check_finite(self)
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.vocab_size < 0:
-            raise UserError(f"vocab_size must be positive, got {self.vocab_size}")
+        check_fields(self)
         if self.n_embd % self.n_head:
             raise UserError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
@@ -74,10 +76,6 @@ class ModelConfig:
             )
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise UserError("rotary embeddings need an even head size (n_embd / n_head)")
-        for name in ("dropout", "attn_dropout"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < 1:
-                raise UserError(f"{name} must be in [0, 1), got {value}")
 
     @property
     def head_size(self) -> int:
@@ -92,60 +90,49 @@ class ModelConfig:
 class TrainConfig:
     """How to train. Defaults are the lecture's GPT recipe."""
 
-    data: str | None = setting(None, "UTF-8 text file to train on (default: Tiny Shakespeare)")
+    data: str | None = setting(None, "UTF-8 text file to train on (default: Tiny Shakespeare, downloaded once)")
     out: str | None = setting(None, "run directory to write (default: runs/MODEL-TIMESTAMP)")
     resume: str | None = setting(None, "continue the run in this directory from its latest checkpoint")
     overwrite: bool = setting(False, "allow replacing an existing run directory given by --out")
-    init_from: str | None = setting(None, "start from this run's weights and tokenizer (fine-tuning)")
+    init_from: str | None = setting(
+        None, "start from this run's weights and tokenizer (fine-tuning); hf:DIR starts from a local "
+        "Hugging Face GPT-2 directory"
+    )
     grow_vocab: bool = setting(
         False, "with --init-from: add characters the old tokenizer lacks instead of refusing"
     )
     tokenizer: str = setting("char", "tokenizer to train", choices=("char", "bpe"))
-    vocab_size: int = setting(512, "vocabulary size for --tokenizer bpe")
-    batch_size: int = setting(64, "sequences per optimizer step (per process)")
-    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step")
-    max_iters: int = setting(5000, "optimizer steps")
-    max_time: float = setting(0.0, "stop training after this many seconds (0 = no limit)")
-    eval_interval: int = setting(500, "steps between loss reports and checkpoints")
-    eval_iters: int = setting(200, "batches per split in each periodic loss estimate")
-    final_eval: bool = setting(True, "at the end, evaluate on the whole val split")
-    learning_rate: float = setting(3e-4, "peak learning rate")
-    min_lr: float = setting(0.0, "learning rate at the end of a cosine schedule")
+    vocab_size: int = setting(512, "vocabulary size for --tokenizer bpe", gt=0)
+    batch_size: int = setting(64, "sequences per micro-batch (per process)", gt=0)
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", gt=0)
+    max_iters: int = setting(5000, "optimizer steps", ge=0)
+    max_time: float = setting(0.0, "stop training after this many seconds (0 = no limit)", ge=0)
+    eval_interval: int = setting(500, "steps between loss reports and checkpoints", gt=0)
+    eval_iters: int = setting(200, "batches per split in each periodic loss estimate", gt=0)
+    early_stop: int = setting(0, "stop after this many loss reports without a new best val loss (0 = off)", ge=0)
+    final_eval: bool = setting(True, "at the end, evaluate the best and the last model on the whole val split")
+    learning_rate: float = setting(3e-4, "peak learning rate", gt=0)
+    min_lr: float = setting(0.0, "learning rate at the end of a cosine schedule", ge=0)
     lr_schedule: str = setting("constant", "learning-rate schedule", choices=("constant", "cosine"))
-    warmup_iters: int = setting(0, "steps of linear warm-up")
-    weight_decay: float = setting(0.01, "AdamW weight decay on matrices (not biases, norms, embeddings)")
-    beta1: float = setting(0.9, "AdamW beta1")
-    beta2: float = setting(0.999, "AdamW beta2")
-    grad_clip: float = setting(0.0, "clip gradient norm to this value (0 = off)")
+    warmup_iters: int = setting(0, "steps of linear warm-up", ge=0)
+    weight_decay: float = setting(0.01, "AdamW weight decay on matrices (not biases, norms, embeddings)", ge=0)
+    beta1: float = setting(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = setting(0.999, "AdamW beta2", ge=0, lt=1)
+    grad_clip: float = setting(0.0, "clip gradient norm to this value (0 = off)", ge=0)
     seed: int = setting(1337, "random seed for weights, batches and dropout")
     device: str = setting("auto", "auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
     dtype: str = setting(
         "auto", "auto uses bfloat16 where it is measurably faster", choices=("auto", "float32", "bfloat16")
     )
     compile: bool = setting(False, "compile the model with torch.compile")
-    sample_chars: int = setting(500, "tokens to generate and print at the end (0 = none)")
+    sample_chars: int = setting(500, "characters to generate and print at the end (0 = none)", ge=0)
     plot: bool = setting(True, "draw RUN/loss.png at the end of the run")
     quiet: bool = setting(False, "print only the loss reports, no progress bar")
 
     def __post_init__(self):
-        _check_choices(self)
-        _check_finite(self)
-        for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "sample_chars"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be zero or more, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.min_lr <= self.learning_rate:
+        check_fields(self)
+        if self.min_lr > self.learning_rate:
             raise UserError(f"min_lr must be in [0, learning_rate], got {self.min_lr}")
-        for name in ("weight_decay", "grad_clip", "max_time"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass
@@ -153,47 +140,56 @@ class SampleConfig:
     """How to generate text from a trained run."""
 
     prompt: str = setting("\n", "text to continue")
-    max_new_tokens: int = setting(500, "tokens to generate per sample")
-    temperature: float = setting(1.0, "softmax temperature; 0 = always the most likely token")
-    top_k: int | None = setting(None, "sample only among the k most likely tokens")
-    top_p: float | None = setting(None, "sample only among the most likely tokens with this total probability")
-    num_samples: int = setting(1, "independent samples to print")
+    max_new_tokens: int = setting(500, "tokens to generate per sample", ge=0)
+    temperature: float = setting(1.0, "softmax temperature; 0 = always the most likely token", ge=0)
+    top_k: int | None = setting(None, "sample only among the k most likely tokens", ge=1)
+    top_p: float | None = setting(None, "sample only among the most likely tokens with this total probability",
+                                  gt=0, le=1)
+    num_samples: int = setting(1, "independent samples, generated together as one batch", gt=0)
     seed: int = setting(1337, "random seed: the same seed gives the same text")
     drop_unknown: bool = setting(False, "drop prompt characters the tokenizer does not know instead of refusing")
     kv_cache: bool = setting(True, "reuse attention keys/values between steps (GPT)")
 
     def __post_init__(self):
-        _check_finite(self)
-        if self.max_new_tokens < 0:
-            raise UserError(f"max_new_tokens must be zero or more, got {self.max_new_tokens}")
-        if self.num_samples <= 0:
-            raise UserError(f"num_samples must be positive, got {self.num_samples}")
-        check_sampling(self.temperature, self.top_k, self.top_p)
+        check_fields(self)
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Reject sampling arguments that have no meaning."""
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    """Reject sampling arguments that have no meaning (the limits of `SampleConfig`'s fields)."""
+    fields = {f.name: f for f in dataclasses.fields(SampleConfig)}
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        check_value(fields[name], value)
 
 
-def _check_finite(cfg) -> None:
+def check_fields(cfg) -> None:
+    """Every field against what its `setting` declares: allowed values, finiteness, limits."""
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{f.name} must be a finite number, got {value}")
+        check_value(f, getattr(cfg, f.name))
 
 
-def _check_choices(cfg) -> None:
-    for f in dataclasses.fields(cfg):
-        choices = f.metadata.get("choices")
-        value = getattr(cfg, f.name)
-        if choices and value not in choices:
-            raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
+def check_value(f: dataclasses.Field, value) -> None:
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{f.name} must be a finite number, got {value}")
+    limits = f.metadata.get("limits") or {}
+    if value is None or isinstance(value, bool) or not limits:
+        return
+    ok = all({"gt": value > bound, "ge": value >= bound, "lt": value < bound, "le": value <= bound}[kind]
+             for kind, bound in limits.items())
+    if not ok:
+        raise UserError(f"{f.name} must be {describe_limits(limits)}, got {value}")
+
+
+def describe_limits(limits: dict) -> str:
+    """{"ge": 0, "lt": 1} -> "in [0, 1)"; {"gt": 0} -> "> 0"; {"ge": 1} -> ">= 1"."""
+    low = next(((k, v) for k, v in limits.items() if k in ("gt", "ge")), None)
+    high = next(((k, v) for k, v in limits.items() if k in ("lt", "le")), None)
+    if low and high:
+        return f"in {'(' if low[0] == 'gt' else '['}{low[1]:g}, {high[1]:g}{')' if high[0] == 'lt' else ']'}"
+    kind, bound = low or high
+    return f"{ {'gt': '>', 'ge': '>=', 'lt': '<', 'le': '<='}[kind]} {bound:g}"
 
 
 # --- layering: defaults < preset < config file < flags ---------------------------------------

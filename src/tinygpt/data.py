@@ -10,6 +10,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,7 +82,9 @@ def read_text(path: Path, min_chars: int = 2) -> str:
     if path.is_dir():
         raise UserError(f"data path {path} is a directory; give a text file inside it with --data PATH")
     try:
-        text = path.read_text(encoding="utf-8")
+        # newline="": the file's bytes are the user's data, "\r\n" included (no translation).
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
     except UnicodeDecodeError as e:
         raise UserError(
             f"data file {path} is not valid UTF-8 (byte {e.start}); convert it, e.g. with iconv -t UTF-8"
@@ -158,3 +161,40 @@ def windows(data: torch.Tensor, block_size: int, batch_size: int):
     tail = data[n_full * block_size :]
     if len(tail) > 1:
         yield tail[None, :-1], tail[None, 1:]
+
+
+@dataclass
+class Corpus:
+    """A text encoded and split: token ids of each split, and how many characters they spell
+    (for bits per character; the first token of a split is never predicted)."""
+
+    path: Path
+    train: torch.Tensor
+    val: torch.Tensor
+    val_chars: int
+    train_chars: int
+
+    def chars_per_token(self) -> dict:
+        return {"train": self.train_chars / max(1, len(self.train) - 1),
+                "val": self.val_chars / max(1, len(self.val) - 1)}
+
+
+def encode_corpus(path: Path, text: str, tokenizer, block_size: int) -> Corpus:
+    """Encode each split of `text` (the lecture's 90/10 cut, on characters) with `tokenizer`."""
+    train_text, val_text = split(text)
+    train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
+    val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
+    shortest = min(len(train_ids), len(val_ids))
+    if shortest < block_size + 1:
+        raise UserError(
+            f"data file {path} is too short: its smaller split has {shortest} tokens, fewer than "
+            f"block_size + 1 = {block_size + 1}; use a longer text or a smaller --block-size"
+        )
+    return Corpus(Path(path), train_ids, val_ids, len(val_text) - 1, len(train_text) - 1)
+
+
+def count_windows(n_tokens: int, block_size: int, batch_size: int) -> int:
+    """How many batches `windows` yields for a split of `n_tokens`."""
+    n_full = (n_tokens - 1) // block_size
+    tail = n_tokens - n_full * block_size
+    return -(-n_full // batch_size) + (1 if tail > 1 else 0)

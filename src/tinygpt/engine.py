@@ -41,7 +41,7 @@ class KVCache:
         self.block_size = block_size
         self.positions: torch.Tensor | None = None  # (T,) or (B, 1): positions of this forward's tokens
         self._rows = slice(None)
-        self._write: torch.Tensor | None = None  # decode: (B, nh, 1, hs) scatter index
+        self._write: torch.Tensor | int | None = None  # decode: (B, nh, 1, hs) scatter index, or one position
         self._mask: torch.Tensor | None = None  # decode: (B, 1, 1, Tk)
         self._t_k = 0
 
@@ -49,6 +49,12 @@ class KVCache:
         """The next forward fills positions 0..length-1 of `rows` (causal among themselves)."""
         self._rows, self._write, self._mask = rows, None, None
         self.positions = torch.arange(length, device=device)
+
+    def decode_uniform(self, rows: slice, pos: int, device) -> None:
+        """The next forward adds one token per row, every row at position `pos`: a slice write
+        and no mask (the cheap path of plain batched sampling)."""
+        self._rows, self._write, self._mask, self._t_k = rows, pos, None, pos + 1
+        self.positions = torch.tensor([pos], device=device)
 
     def decode(self, rows: slice, positions: torch.Tensor, t_k: int) -> None:
         """The next forward adds one token per row at `positions` (B,); each row attends to its
@@ -68,6 +74,10 @@ class KVCache:
             ck[:, :, :T] = k
             cv[:, :, :T] = v
             return k, v, None
+        if isinstance(self._write, int):  # every row at the same position
+            ck[:, :, self._write : self._write + 1] = k
+            cv[:, :, self._write : self._write + 1] = v
+            return ck[:, :, : self._t_k], cv[:, :, : self._t_k], None
         ck.scatter_(2, self._write, k)
         cv.scatter_(2, self._write, v)
         return ck[:, :, : self._t_k], cv[:, :, : self._t_k], self._mask
@@ -154,6 +164,9 @@ class DecodeEngine:
         pos = [min(len(self.context[s]) - (s in tokens), self.block_size - 1) for s in range(end)]
         if self.static:
             return self._graph_step(ids, pos)
+        if len(slots) == end and len(set(pos)) == 1:  # slots 0..end-1 all step, at one position
+            self.cache.decode_uniform(slice(0, end), pos[0], self.device)
+            return self.model(torch.tensor(ids, device=self.device)[:, None], cache=self.cache)[0][:, -1].float()
         t_k = max(pos[s] for s in slots) + 1
         return self._decode_forward(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), t_k)
 

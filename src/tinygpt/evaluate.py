@@ -10,7 +10,7 @@ from tinygpt.runtime import autocast
 
 @torch.no_grad()
 def estimate_loss(model, splits: dict, block_size: int, batch_size: int, eval_iters: int,
-                  device, dtype, seed: int = 0) -> dict:
+                  device, dtype, seed: int = 0, tick=None) -> dict:
     """The lecture's estimate: mean loss over `eval_iters` random batches of each split.
 
     The batches come from their own seeded generator, so every report uses the same batches
@@ -25,6 +25,8 @@ def estimate_loss(model, splits: dict, block_size: int, batch_size: int, eval_it
             with autocast(device, dtype):
                 _, loss = model(x.to(device), y.to(device))
             total += loss.item()
+            if tick:
+                tick()
         out[name] = total / eval_iters
     model.train(was_training)
     return out
@@ -32,12 +34,13 @@ def estimate_loss(model, splits: dict, block_size: int, batch_size: int, eval_it
 
 @torch.no_grad()
 def evaluate_split(model, data: torch.Tensor, block_size: int, device, dtype,
-                   n_chars: int | None = None, batch_size: int = 32) -> dict:
+                   n_chars: int | None = None, batch_size: int = 32, tick=None) -> dict:
     """Loss over the whole of `data`: consecutive non-overlapping windows of `block_size`, each
     token predicted exactly once from the tokens before it in its window.
 
     Returns nats per token and bits per character (`n_chars` is the number of characters the
-    predicted tokens spell; for a character tokenizer, the number of tokens).
+    predicted tokens spell; for a character tokenizer, the number of tokens). `tick` is called
+    after every batch (progress).
     """
     was_training = model.training
     model.eval()
@@ -50,6 +53,8 @@ def evaluate_split(model, data: torch.Tensor, block_size: int, device, dtype,
         )
         total_nats += nll.item()
         count += y.numel()
+        if tick:
+            tick()
     model.train(was_training)
     n_chars = n_chars or count
     return {

@@ -77,8 +77,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.config, self.layer = config, layer
         self.n_head, self.head_size = config.n_head, config.head_size
-        # The lecture's heads have no bias on key/query/value; the output projection has one.
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        # The lecture's heads have no bias on key/query/value (GPT-2's do); the output projection has one.
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.attn_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_dropout = Dropout(config.attn_pdrop)
         self.resid_dropout = Dropout(config.dropout)
@@ -119,6 +119,8 @@ class MLP(nn.Module):
             x = F.relu(x).square()
         elif self.activation == "gelu":
             x = F.gelu(x)
+        elif self.activation == "gelu_tanh":  # GPT-2's GELU
+            x = F.gelu(x, approximate="tanh")
         else:
             x = F.relu(x)
         return self.dropout(self.c_proj(x))  # (B, T, C)
@@ -159,7 +161,7 @@ class GPTLanguageModel(LanguageModel):
             self.rope = RotaryEmbedding(config.head_size, config.block_size)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.head_bias)
         self.apply(self._init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding_table.weight

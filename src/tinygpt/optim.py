@@ -9,6 +9,8 @@ dict has torch's layout, holds tensors and numbers only, and loads with
 `torch.load(weights_only=True)`.
 """
 
+import math
+
 import torch
 
 
@@ -95,3 +97,28 @@ class AdamW:
             for k, v in saved.items():
                 if k != "params":
                     mine[k] = tuple(v) if k == "betas" else v
+
+
+def make_optimizer(model, cfg) -> AdamW:
+    """AdamW from a `TrainConfig`; weight decay only on matrices that multiply activations (not
+    biases, norms or embedding tables)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_embedding = "embedding_table" in name
+        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_at(step: int, cfg) -> float:
+    """The learning rate of `step`: linear warm-up, then constant or cosine down to min_lr."""
+    if cfg.warmup_iters and step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    span = max(1, cfg.max_iters - cfg.warmup_iters)
+    progress = min(1.0, (step - cfg.warmup_iters) / span)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)

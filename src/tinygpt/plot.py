@@ -6,26 +6,10 @@ compare) and `--time` puts training seconds (evals excluded) on the x axis, for 
 equal training time.
 """
 
-import json
 from pathlib import Path
 
 from tinygpt.errors import UserError
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The periodic loss reports of a run (its metrics.jsonl lines that have a val loss)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl; give a run directory written by tinygpt train")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            raise UserError(f"{path} line {n} is not JSON; the metrics file is damaged") from None
-    return [r for r in rows if "val_loss" in r]
+from tinygpt.runs import read_metrics
 
 
 def loss_figure(runs: list[Path], bpc: bool = False, time: bool = False):

@@ -85,7 +85,8 @@ class BPETokenizer:
         return self.hf.encode(text).ids
 
     def decode(self, ids) -> str:
-        return self.hf.decode(list(ids))
+        # Special tokens (GPT-2's <|endoftext|>) are text too: decode(encode(s)) == s, as transformers.
+        return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def to_json(self) -> dict:
         return {"type": "bpe", "hf": json.loads(self.hf.to_str())}

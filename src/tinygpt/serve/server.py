@@ -1,13 +1,13 @@
 """Start `tinygpt serve`: load the run (refusing a damaged one), bind the port, run uvicorn."""
 
 import ipaddress
-import json
 import socket
 import sys
 from pathlib import Path
 
 from tinygpt.checkpoint import checkpoint_dir, load_run
 from tinygpt.errors import UserError
+from tinygpt.runs import read_metrics
 from tinygpt.runtime import inference_dtype, resolve_device
 
 
@@ -49,7 +49,11 @@ def model_card(run_dir: Path, which: str, model, tokenizer) -> dict:
     ckpt = checkpoint_dir(run_dir, which)
     used = which if (run_dir / f"{which}.json").is_file() else "latest"  # best falls back to latest
     step = _step_of(ckpt)
-    reports = [r for r in _metrics(run_dir / "metrics.jsonl") if isinstance(r.get("val_loss"), (int, float))]
+    try:
+        reports = [r for r in read_metrics(run_dir) if isinstance(r.get("val_loss"), (int, float))]
+    except UserError as e:  # the weights are fine: serve them, without figures
+        sys.stderr.write(f"tinygpt serve: warning: no val loss for the model card: {e}\n")
+        reports = []
     at_step = next((r for r in reversed(reports) if r.get("step") == step), {})
     best = min(reports, key=lambda r: r["val_loss"], default={})
     return {
@@ -97,19 +101,3 @@ def _step_of(ckpt: Path) -> int | None:
         return int(ckpt.name.removeprefix("step_"))
     except ValueError:
         return None
-
-
-def _metrics(path: Path) -> list[dict]:
-    records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return records
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a crash
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records

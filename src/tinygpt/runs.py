@@ -1,0 +1,254 @@
+"""Run directories as a whole: making one, its metrics log, the rules for resuming and
+fine-tuning from one, and listing them.
+
+`checkpoint.py` owns the files' format (writing them atomically, reading them safely); this
+module owns what a run *is*: which settings a resume may change, which a fine-tune may, where a
+new run goes, and what `metrics.jsonl` holds.
+
+    RUN/metrics.jsonl   one JSON line per loss report:
+        {"step", "train_loss", "val_loss", "train_bpc", "val_bpc", "lr", "tokens_per_sec", "train_seconds"}
+      and at the end of a run one line with the whole-val-split figures:
+        {"step", "final_val_loss", "final_val_bpc", "best_step", "last_val_loss", "elapsed", "since_start"}
+      (elapsed: seconds since training started; since_start: since the command started)
+"""
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from tinygpt import checkpoint as ckpt
+from tinygpt import config as C
+from tinygpt.errors import UserError
+
+# Settings that may differ when a run is resumed; any other flag must match the saved run.
+RESUMABLE_OVERRIDES = {"max_iters", "max_time", "eval_interval", "quiet", "sample_chars", "plot", "device",
+                       "final_eval", "resume", "data", "out", "overwrite", "early_stop", "threads",
+                       "batch_size", "grad_accum"}
+# What a fine-tuning run may change about the model it starts from; the rest is its architecture.
+FINETUNE_OVERRIDES = {"dropout", "attn_dropout", "attention"}
+
+
+# --- resolving settings: once, from the flags the user gave -------------------------------------
+
+
+def settings_from_flags(flags: dict) -> tuple[C.ModelConfig, C.TrainConfig]:
+    """The configs a `train` command asked for. With --resume the saved run's settings fill in
+    what the flags do not say (and a flag that contradicts it is refused); with --init-from the
+    base run's model settings do, and a flag that would change its architecture is refused."""
+    if flags.get("resume"):
+        flags = resume_flags(flags)
+    elif flags.get("init_from"):
+        flags = finetune_flags(flags)
+    return C.resolve_train_settings(flags)
+
+
+def resume_flags(flags: dict) -> dict:
+    """The flags given with --resume on top of the saved run's settings, once checked to agree."""
+    meta = ckpt.read_run_meta(Path(flags["resume"]))
+    saved_model, saved_train = ckpt.configs_from_meta(meta)
+    saved = {k: v for k, v in {**C.to_dict(saved_model), **C.to_dict(saved_train)}.items() if k in C.TRAIN_KEYS}
+    refuse_conflicts(saved, flags, RESUMABLE_OVERRIDES, "the run being resumed",
+                     "drop the flag or start a new run with --out")
+    if ("batch_size" in flags or "grad_accum" in flags) and (
+        flags.get("batch_size", saved["batch_size"]) * flags.get("grad_accum", saved["grad_accum"])
+        != saved["batch_size"] * saved["grad_accum"]
+    ):
+        raise UserError(f"--batch-size x --grad-accum must stay {saved['batch_size'] * saved['grad_accum']} "
+                        f"sequences per step when resuming (the run used --batch-size {saved['batch_size']} "
+                        f"--grad-accum {saved['grad_accum']}); e.g. halve one and double the other")
+    return {**saved, **flags}
+
+
+def finetune_flags(flags: dict) -> dict:
+    """The base run's model settings under the flags, refusing architecture changes."""
+    base = base_model_config(flags["init_from"], flags.get("block_size"))
+    saved = {k: v for k, v in C.to_dict(base).items() if k in C.TRAIN_KEYS}
+    changeable = FINETUNE_OVERRIDES | ({"block_size"} if hf_source(flags["init_from"]) else set())
+    refuse_conflicts(saved, flags, changeable, f"the run --init-from {flags['init_from']}",
+                     "fine-tuning keeps the model it starts from, so drop the flag")
+    return {**saved, **flags}
+
+
+def finetune_model_config(init_from: str, given: C.ModelConfig) -> C.ModelConfig:
+    """The base's architecture, with dropout and the attention kernel from `given` (and, from a
+    Hugging Face directory, a shorter context: nanoGPT's crop_block_size)."""
+    base = base_model_config(init_from, given.block_size if hf_source(init_from) else None)
+    return C.build(C.ModelConfig, {**C.to_dict(base), **{k: getattr(given, k) for k in FINETUNE_OVERRIDES}})
+
+
+def base_model_config(init_from: str, block_size: int | None = None) -> C.ModelConfig:
+    """The model settings of what --init-from names: a tinygpt run, or hf:DIR (GPT-2 family)."""
+    hf_dir = hf_source(init_from)
+    if hf_dir is not None:
+        from tinygpt.hf import read_gpt2
+
+        return read_gpt2(hf_dir, block_size)[0]  # checks its tokenizer and weights are there too
+    return ckpt.configs_from_meta(ckpt.read_run_meta(Path(init_from)))[0]
+
+
+def hf_source(init_from: str) -> Path | None:
+    """The directory of `--init-from hf:DIR`, or None for a tinygpt run."""
+    from tinygpt.hf import source_dir
+
+    return source_dir(init_from)
+
+
+def refuse_conflicts(saved: dict, flags: dict, changeable: set, where: str, fix: str) -> None:
+    """A one-line error for the first flag that contradicts a saved setting it may not change."""
+    for key, value in flags.items():
+        if key in saved and key not in changeable and value != saved[key]:
+            raise UserError(f"--{key.replace('_', '-')} {value} conflicts with {where} "
+                            f"({key}={saved[key]!r}); {fix}")
+
+
+# --- a new run directory -----------------------------------------------------------------------
+
+
+def default_run_dir(model: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path("runs") / f"{model}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = Path("runs") / f"{model}-{stamp}-{n}"
+    return path
+
+
+def prepare_run_dir(out: str | None, model: str, overwrite: bool) -> Path:
+    """A new, writable run directory; refuses to touch anything that exists unless told to."""
+    run_dir = Path(out) if out else default_run_dir(model)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; choose a directory path for the run")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not (run_dir / "run.json").exists():
+            raise UserError(f"--out {run_dir} exists and is not a tinygpt run directory; choose another --out")
+        if not overwrite:
+            raise UserError(
+                f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
+                "replace it with --overwrite, or choose another --out"
+            )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write run directory {run_dir}: {e.strerror}; choose a writable --out") from None
+    if overwrite:
+        for name in ("checkpoints", "latest.json", "best.json", "metrics.jsonl"):
+            p = run_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return run_dir
+
+
+def new_run_dir(cfg: C.TrainConfig, model_cfg: C.ModelConfig, tokenizer, extra: dict) -> Path:
+    """Make the run directory and write the files it gets once: settings, versions, tokenizer."""
+    run_dir = prepare_run_dir(cfg.out, model_cfg.model, cfg.overwrite)
+    ckpt.write_run_files(run_dir, model_cfg, cfg, tokenizer, extra)
+    return run_dir
+
+
+def check_world_size(meta: dict, run_dir: Path, world: int) -> None:
+    saved = meta.get("world_size", 1)
+    if saved != world:
+        raise UserError(f"{run_dir} was trained by {saved} process(es), this is {world}; "
+                        f"resume it with torchrun --nproc_per_node {saved} (the same batches)")
+
+
+# --- metrics.jsonl -------------------------------------------------------------------------------
+
+
+def write_json_line(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def append_report(path: Path, step: int, losses: dict, lr: float, tokens_per_sec: float | None,
+                  train_seconds: float, chars_per_token: dict) -> None:
+    """One loss report, in nats per token and bits per character."""
+    write_json_line(path, {
+        "step": step,
+        "train_loss": losses["train"],
+        "val_loss": losses["val"],
+        "train_bpc": losses["train"] / chars_per_token["train"] / math.log(2),
+        "val_bpc": losses["val"] / chars_per_token["val"] / math.log(2),
+        "lr": lr,
+        "tokens_per_sec": tokens_per_sec,
+        "train_seconds": train_seconds,
+    })
+
+
+def trim_metrics(path: Path, upto_step: int) -> None:
+    """On resume, forget lines written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash mid-write
+            continue
+        if record.get("step", 0) <= upto_step and "final_val_loss" not in record:
+            keep.append(line)
+    ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def read_metrics(run_dir: Path, reports_only: bool = True) -> list[dict]:
+    """The lines of a run's metrics.jsonl: its loss reports (or every line)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl; give a run directory written by tinygpt train")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise UserError(f"{path} line {n} is not JSON; the metrics file is damaged") from None
+    return [r for r in rows if "val_loss" in r] if reports_only else rows
+
+
+def final_record(run_dir: Path) -> dict | None:
+    """The whole-val-split figures written at the end of the run, if it got there."""
+    finals = [r for r in read_metrics(run_dir, reports_only=False) if "final_val_loss" in r]
+    return finals[-1] if finals else None
+
+
+# --- listing runs ----------------------------------------------------------------------------
+
+
+def list_runs(root: Path) -> str:
+    """A markdown table of the runs under `root` (name, size, steps, best val, bits/char, date)."""
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory; give the directory that holds your runs (default: runs)")
+    rows = []
+    for run in sorted(p for p in root.iterdir() if (p / "run.json").is_file()):
+        try:
+            meta = ckpt.read_run_meta(run)
+            model_cfg, _ = ckpt.configs_from_meta(meta)
+            reports = read_metrics(run) if (run / "metrics.jsonl").is_file() else []
+        except UserError as e:
+            rows.append(f"| {run.name} | damaged: {e} | | | | |")
+            continue
+        best = min(reports, key=lambda r: r["val_loss"]) if reports else None
+        size = "bigram" if model_cfg.model == "bigram" else \
+            f"{model_cfg.n_layer}x{model_cfg.n_head}x{model_cfg.n_embd}, {_param_count(model_cfg)}"
+        steps = max((r["step"] for r in reports), default=0)
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime((run / "run.json").stat().st_mtime))
+        rows.append(f"| {run.name} | {size} | {steps} | "
+                    + (f"{best['val_loss']:.4f} | {best['val_bpc']:.4f}" if best else "— | —") + f" | {when} |")
+    if not rows:
+        return f"no runs in {root} (a run is a directory with a run.json, written by tinygpt train)"
+    return "\n".join(["| run | model | steps | best val loss | bits/char | date |",
+                      "|---|---|---:|---:|---:|---|", *rows])
+
+
+def _param_count(m: C.ModelConfig) -> str:
+    """Parameters of a GPT from its config alone (no torch): embeddings, blocks, final norm, head."""
+    v, c, t = m.vocab_size, m.n_embd, m.block_size
+    per_block = 4 * c + 3 * c * c + (c * c + c) + (4 * c * c + 4 * c) + (4 * c * c + c)
+    n = v * c + (t * c if m.pos_emb == "learned" else 0) + m.n_layer * per_block + 2 * c
+    n += (0 if m.tie_embeddings else v * c) + v
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
