@@ -79,6 +79,9 @@ EXPECTED = {
 }
 
 
+UNION_TAGS = {"str", "list[str]"}
+
+
 def parse_completion_request(body: bytes) -> CompletionRequest:
     """The request in `body`, or an ApiError(400) naming the first thing wrong with it."""
     try:
@@ -99,7 +102,9 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
 
 
 def _api_error(errors: list[dict]) -> ApiError:
-    first = errors[0]
+    # The first field at fault; of a union's complaints about it, the one that looked deepest
+    # (["a", 3] for a prompt: item 1 is not a string, rather than "not a string").
+    first = max((e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]), key=lambda e: len(e["loc"]))
     if first["type"] == "json_invalid":
         return ApiError(400, f"the body is not valid JSON ({first['ctx']['error']}); send a JSON object",
                         None, "invalid_json")
@@ -110,8 +115,10 @@ def _api_error(errors: list[dict]) -> ApiError:
         known = ", ".join(CompletionRequest.model_fields)
         return ApiError(400, f"{field} is not a parameter tinygpt serve accepts; use: {known}", field,
                         "unsupported_parameter")
-    param = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or p == first["loc"][0])
-    if field in EXPECTED and first["type"].endswith("_type"):
+    # pydantic names the member of a union it tried ("str", "list[str]") in the location; drop it
+    path = [str(p) for p in first["loc"] if p not in UNION_TAGS]
+    param = ".".join(path)
+    if field in EXPECTED and first["type"].endswith("_type") and len(path) == 1:
         return ApiError(400, f"{field} must be {EXPECTED[field]}, got {_short(first['input'])}", param,
                         "invalid_type")
     code = "invalid_type" if first["type"].endswith("_type") else "invalid_value"
