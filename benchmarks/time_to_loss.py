@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+
 def one_run(cmd: list[str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix="ttl-")) / "run"
     t0 = time.perf_counter()

@@ -6,6 +6,8 @@ blocks run under real bash with small stand-ins first on PATH:
   make the run tiny (argparse lets the last flag win): 2 steps, a 1-layer model, the tiny text
   when no --data is given;
 - `tinygpt` anything else (sample, eval, runs, plot, export, ...): run for real, unchanged;
+- `tinygpt serve`: started in the background on a free port; `curl` and the Python blocks that
+  call the README's address (port 8000) are pointed at the first server started;
 - `torchrun`: its tinygpt arguments are parsed by tinygpt's own parser (flags must exist), not run;
 - `pip install`: checked against the installs the project supports, not run (this test's
   environment is that install);
@@ -15,8 +17,10 @@ blocks run under real bash with small stand-ins first on PATH:
 Python blocks run with `exec` in the same directory, after the blocks before them.
 """
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -52,9 +56,30 @@ def shorten(argv):
         extra += ["--data", tiny]
     return argv + extra
 
+if name == "tinygpt" and args[:1] == ["serve"]:
+    # In the background on a free port (the README's port may be taken); curl and the Python
+    # blocks are pointed at the first one started.
+    import re, time
+    log = open(os.path.join({servers!r}, f"serve-{{time.monotonic_ns()}}.log"), "w+")
+    proc = subprocess.Popen([real, "-m", "tinygpt", *args, "--port", "0"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not re.search(r"API http://[^:]+:(\\d+)/v1", open(log.name).read()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit("tinygpt serve did not start: " + open(log.name).read())
+        time.sleep(0.05)
+    port = re.search(r"API http://[^:]+:(\\d+)/v1", open(log.name).read()).group(1)
+    with open(os.path.join({servers!r}, "ports"), "a") as f:
+        f.write(f"{{proc.pid}} {{port}}\\n")
+    sys.exit(0)
 if name == "tinygpt":
     argv = shorten(args) if args[:1] == ["train"] else args
     sys.exit(subprocess.call([real, "-m", "tinygpt", *argv]))
+if name == "curl":
+    port = open(os.path.join({servers!r}, "ports")).read().split()[1]
+    args = [a.replace("localhost:8000", f"127.0.0.1:{{port}}").replace("127.0.0.1:8000", f"127.0.0.1:{{port}}")
+            for a in args]
+    sys.exit(subprocess.call(["/usr/bin/curl", "--fail-with-body", *args]))
 if name == "python":
     if args[:2] == ["-m", "pytest"]:
         sys.exit(0)
@@ -98,13 +123,16 @@ def test_every_readme_code_block_runs(tmp_path):
     bin_dir = tmp_path / "bin"
     (work / "docs").mkdir(parents=True)
     bin_dir.mkdir()
+    servers = tmp_path / "servers"
+    servers.mkdir()
     for name in ("my_text.txt", "input.txt", "new.txt"):
         (work / name).write_text(TEXT, encoding="utf-8")
     make_gpt2 = tmp_path / "make_gpt2.py"
     make_gpt2.write_text(MAKE_GPT2)
     shim = SHIM.format(python=sys.executable, src=str(REPO / "src"), fast=FAST, fresh=FRESH,
-                       tiny=str(work / "input.txt"), repo=str(REPO), make_gpt2=str(make_gpt2), installs=INSTALLS)
-    for name in ("tinygpt", "python", "torchrun", "pip"):
+                       tiny=str(work / "input.txt"), repo=str(REPO), make_gpt2=str(make_gpt2), installs=INSTALLS,
+                       servers=str(servers))
+    for name in ("tinygpt", "python", "torchrun", "pip", "curl"):
         (bin_dir / name).write_text(shim)
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO / "src"),
@@ -117,16 +145,26 @@ def test_every_readme_code_block_runs(tmp_path):
     assert {lang for lang, _ in blocks} <= {"bash", "python"}, "a README block in a language this test cannot run"
     assert sum(lang == "python" for lang, _ in blocks) >= 1
     cwd = os.getcwd()
-    for i, (lang, code) in enumerate(blocks):
-        where = f"README block {i + 1} ({lang}):\n{textwrap.indent(code, '    ')}"
-        if lang == "bash":
-            r = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=work, env=env, capture_output=True,
-                               text=True, timeout=600)
-            assert r.returncode == 0, f"{where}\nfailed with {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-            assert "Traceback" not in r.stderr, f"{where}\n{r.stderr[-3000:]}"
-        else:
-            os.chdir(work)
-            try:
-                exec(compile(code, f"README block {i + 1}", "exec"), {"__name__": "readme"})
-            finally:
-                os.chdir(cwd)
+    try:
+        for i, (lang, code) in enumerate(blocks):
+            where = f"README block {i + 1} ({lang}):\n{textwrap.indent(code, '    ')}"
+            if lang == "bash":
+                r = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=work, env=env, capture_output=True,
+                                   text=True, timeout=600)
+                output = f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+                assert r.returncode == 0, f"{where}\nfailed with {r.returncode}:\n{output}"
+                assert "Traceback" not in r.stderr, f"{where}\n{r.stderr[-3000:]}"
+            else:
+                if "127.0.0.1:8000" in code:
+                    port = (servers / "ports").read_text().split()[1]
+                    code = code.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+                os.chdir(work)
+                try:
+                    exec(compile(code, f"README block {i + 1}", "exec"), {"__name__": "readme"})
+                finally:
+                    os.chdir(cwd)
+    finally:
+        ports = servers / "ports"
+        for line in ports.read_text().splitlines() if ports.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(line.split()[0]), signal.SIGTERM)

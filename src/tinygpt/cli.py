@@ -1,4 +1,4 @@
-"""The `tinygpt` command: train, sample, eval, runs, export, bench, plot, presets.
+"""The `tinygpt` command: train, sample, eval, serve, runs, export, bench, plot, presets.
 
 Flags are generated from the config dataclasses, so `--help` always shows every setting with its
 default and meaning. Errors the user can fix print one line and exit with status 2. Nothing
@@ -104,6 +104,20 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
                    help="which split(s) to evaluate (default: 'both')")
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: 32)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    add_fields(p, C.TrainConfig, only={"device", "dtype"})
+
+    p = sub.add_parser("serve", help="serve a run: OpenAI-compatible completions API and a web playground",
+                       description="Serve a trained run over HTTP: POST /v1/completions in OpenAI's shape "
+                       "(streamed or not), GET /v1/models, GET /health, and a playground page at /.")
+    add_run_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 is every interface, "
+                   "give --api-key with it (default: '127.0.0.1')")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("TINYGPT_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 requests; the environment variable "
+                   "TINYGPT_API_KEY keeps it out of the process list (default: none)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="sequences decoded together; more wait their turn (default: 16)")
     add_fields(p, C.TrainConfig, only={"device", "dtype"})
 
     p = sub.add_parser("runs", help="list the runs in a directory as a table",
@@ -312,6 +326,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tinygpt.serve import serve
+
+    return serve(args.ckpt, args.which, args.host, args.port, getattr(args, "device", "auto"),
+                 getattr(args, "dtype", "auto"), args.api_key, args.max_batch)
+
+
 def cmd_runs(args) -> int:
     from tinygpt.runs import list_runs
 
@@ -347,8 +368,8 @@ def cmd_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "runs": cmd_runs, "export": cmd_export,
-            "presets": cmd_presets, "bench": cmd_bench, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "serve": cmd_serve, "runs": cmd_runs,
+            "export": cmd_export, "presets": cmd_presets, "bench": cmd_bench, "plot": cmd_plot}
 
 
 if __name__ == "__main__":
