@@ -235,25 +235,30 @@ def check_training_fits(m, batch_size: int, grad_accum: int, dtype, device, atte
     """Refuse (one line, exit 2), before anything is allocated, a model whose training step
     needs more memory than `device` has available; return the estimate otherwise.
 
-    The estimate is a lower bound (see `training_memory`), so a refused run could not have fit."""
+    The estimate is a floor (see `training_memory`), so a refused run could not have fit. The
+    fix offered first is the one that helps: a smaller micro-batch (with the factor that fits,
+    the effective batch kept by --grad-accum) when the activations are what does not fit, else a
+    smaller model."""
     import torch
 
-    est = training_memory(m, batch_size, 2 if dtype in (torch.bfloat16, torch.float16) else 4, attention)
+    dtype_bytes = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    est = training_memory(m, batch_size, dtype_bytes, attention)
     have = available_memory(device)
     if have is None or est.total <= have:
         return est
-    dtype_name = str(dtype).removeprefix("torch.")
-    parts = (f"weights {est.weights / GiB:.1f}, gradients {est.gradients / GiB:.1f}, "
-             f"AdamW state {est.optimizer / GiB:.1f}, activations {est.activations / GiB:.1f} for batch "
-             f"{batch_size} x block {m.block_size} in {dtype_name}")
-    model_fix = "a smaller --n-embd or --n-layer"
-    if m.model == "bigram":
-        model_fix = "a smaller vocabulary"
-    batch_fix = (f"a smaller --batch-size with a larger --grad-accum for the same effective batch (e.g. "
-                 f"--batch-size {max(1, batch_size // 4)} --grad-accum {grad_accum * 4})")
-    fix = f"{model_fix}, or {batch_fix}" if est.activations < est.total / 2 or batch_size < 4 \
-        else f"{batch_fix}, or {model_fix}"
-    raise UserError(f"this model needs about {est.total / GiB:.1f} GiB to train ({parts}) but {device.type} "
+    batch_part = (f"activations for batch {batch_size} x block {m.block_size} in {str(dtype).removeprefix('torch.')}"
+                  if est.activations >= est.gradients else "gradients")
+    figures = (f"{est.weights / GiB:.1f} GiB of weights, {est.optimizer / GiB:.1f} of AdamW state and "
+               f"{max(est.activations, est.gradients) / GiB:.1f} of {batch_part}")
+    model_fix = "a smaller vocabulary" if m.model == "bigram" else "a smaller --n-embd or --n-layer"
+    # The smallest power-of-two cut of the micro-batch that fits, if any does.
+    factor = next((k for k in (2**i for i in range(1, batch_size.bit_length() + 1))
+                   if training_memory(m, -(-batch_size // k), dtype_bytes, attention).total <= have), None)
+    fix = model_fix
+    if factor is not None:
+        fix = (f"--batch-size {-(-batch_size // factor)} --grad-accum {grad_accum * factor} (the same effective "
+               f"batch in smaller micro-batches), or {model_fix}")
+    raise UserError(f"this model needs about {est.total / GiB:.1f} GiB to train ({figures}) but {device.type} "
                     f"has {have / GiB:.1f} GiB available; use {fix}")
 
 
