@@ -442,6 +442,42 @@ def test_out_of_disk_at_each_write_keeps_the_run_as_it_was(capsys, monkeypatch, 
     assert sorted(losses_by_step(out)) == [0, 2, 4, 6] and latest_step(out) == 6
 
 
+def test_out_of_disk_at_the_first_checkpoint(capsys, monkeypatch, text_file, tmp_path):
+    """Nothing to resume yet: the message says to run the command again, which then works."""
+    out = tmp_path / "run"
+    armed = full_disk_on(monkeypatch, "optimizer.pt")
+    snapshots = before_each(monkeypatch, ckpt, "save_checkpoint", out, armed, arm_at=1)
+    code, _, err = cli(capsys, "train", "--data", text_file, "--out", out, *RUN)
+    assert_one_line_error(code, err, "out of disk space writing", "optimizer.pt at step 0; training stopped before "
+                          "its first checkpoint", "run the command again with --overwrite", status=4)
+    assert snapshot(out) == snapshots[-1] and temp_names(out) == []
+    assert not (out / "checkpoints").exists() and not (out / "latest.json").exists()
+    monkeypatch.undo()
+    code, _, err = cli(capsys, "train", "--data", text_file, "--out", out, *RUN, "--overwrite")
+    assert code == 0, err
+    assert sorted(losses_by_step(out)) == [0, 2, 4, 6]
+
+
+def test_out_of_disk_starting_or_resuming_a_run(capsys, monkeypatch, text_file, tmp_path):
+    out = tmp_path / "run"
+    armed = full_disk_on(monkeypatch, "tokenizer.json")
+    armed["on"] = True
+    code, _, err = cli(capsys, "train", "--data", text_file, "--out", out, *RUN)
+    assert_one_line_error(code, err, f"out of disk space writing {out / '.tokenizer.json.tmp'} while starting the "
+                          "run; free some space or choose another --out", status=4)
+    assert list(out.iterdir()) == []  # no half run directory that a second try would refuse
+    monkeypatch.undo()
+
+    code, _, err = cli(capsys, "train", "--data", text_file, "--out", out, *RUN, "--max-iters", 2)
+    assert code == 0, err
+    before = snapshot(out)
+    armed = full_disk_on(monkeypatch, ".metrics.jsonl.tmp")  # the resume rewrites metrics.jsonl first
+    armed["on"] = True
+    code, _, err = cli(capsys, "train", "--resume", out, "--max-iters", 4)
+    assert_one_line_error(code, err, "while resuming", "could not be rewritten (it is unchanged)", status=4)
+    assert snapshot(out) == before and temp_names(out) == []
+
+
 def test_out_of_disk_writing_the_plot(capsys, monkeypatch, text_file, tmp_path):
     out = tmp_path / "run"
     code, _, err = cli(capsys, "train", "--data", text_file, "--out", out, *RUN, "--max-iters", 2, "--plot")

@@ -66,7 +66,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None) if torch else None
     if oom_type is not None and isinstance(exc, oom_type):
         return True
-    return isinstance(exc, RuntimeError) and not isinstance(exc, UserError) and bool(_OOM_MESSAGE.search(str(exc)))
+    return isinstance(exc, RuntimeError) and bool(_OOM_MESSAGE.search(str(exc)))
 
 
 def is_disk_fault(exc: BaseException) -> bool:
