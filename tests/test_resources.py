@@ -14,6 +14,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from test_reliability import TINY, assert_one_line_error, cli, losses_by_step, s
 import tinygpt.checkpoint as ckpt
 import tinygpt.plot
 import tinygpt.runs as runs
+import tinygpt.train
 from tinygpt import config as C
 from tinygpt import resources
 from tinygpt.checkpoint import checkpoint_dir
@@ -522,7 +524,7 @@ def read_only(monkeypatch, run_dir: Path) -> None:
 
 
 def test_read_only_run_directory_is_refused(capsys, monkeypatch, trained, tmp_path):
-    run = Path(__import__("shutil").copytree(trained, tmp_path / "run"))
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
     before = snapshot(run)
     read_only(monkeypatch, run)
     code, _, err = cli(capsys, "train", "--resume", run, "--max-iters", 8)
@@ -540,7 +542,7 @@ def mount_or_skip(*args) -> None:
 
 def test_read_only_mount_is_refused(capsys, trained, tmp_path):
     """The kernel's own refusal: a read-only bind mount of a run (or chmod, when not root)."""
-    run = Path(__import__("shutil").copytree(trained, tmp_path / "run"))
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
     view = tmp_path / "ro"
     if os.geteuid() != 0:
         run.chmod(0o555)
