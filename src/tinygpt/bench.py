@@ -19,8 +19,10 @@ import torch
 
 from tinygpt import config as C
 from tinygpt import runtime
+from tinygpt.checkpoint import atomic_write_text
 from tinygpt.model import GPTLanguageModel
 from tinygpt.optim import make_optimizer
+from tinygpt.resources import disk_guard, memory_guard, what_failed
 from tinygpt.runtime import autocast, inference_dtype, resolve_attention, resolve_device, resolve_dtype
 
 
@@ -162,7 +164,10 @@ def run_bench(args) -> int:
     if args.compile:
         paths.append(("fast+compile", fast_dtype, fast_kernel, True))
     for name, dtype, kernel, comp in paths:
-        r = time_training(model_cfg, batch, device, dtype, kernel, comp, args.iters, args.repeats)
+        with memory_guard(f"out of memory on {device.type} timing the {name} training path (batch {batch} x "
+                          f"block {model_cfg.block_size}); bench a smaller --preset or a settings file with a "
+                          "smaller batch_size"):
+            r = time_training(model_cfg, batch, device, dtype, kernel, comp, args.iters, args.repeats)
         r.update(dtype=str(dtype).removeprefix("torch."), attention=kernel, compile=comp)
         peak = peaks.get(r["dtype"])
         r["mfu"] = r["flops_per_iter"] / (r["ms_per_iter"] / 1000) / peak if peak else None
@@ -171,11 +176,15 @@ def run_bench(args) -> int:
                                 ("fast", inference_dtype("auto", device), fast_kernel)]:
         if name == "plain" and args.skip_plain:
             continue
-        results["sample"][name] = time_sampling(model_cfg, device, dtype, kernel, n_tokens, args.sample_batch)
+        with memory_guard(f"out of memory on {device.type} timing {name} sampling (block {model_cfg.block_size}); "
+                          "bench a smaller --preset"):
+            results["sample"][name] = time_sampling(model_cfg, device, dtype, kernel, n_tokens,
+                                                      args.sample_batch)
 
     print(format_table(results, n_tokens))
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
+    with disk_guard(lambda e: f"{what_failed(e)}; the figures are printed above, the file was not written: "
+                    "free some space or pass another --json"):
+        atomic_write_text(args.json, json.dumps(results, indent=2))
     print(f"\nfigures written to {args.json}")
     return 0
 

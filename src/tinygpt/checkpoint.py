@@ -21,8 +21,10 @@ import base64
 import json
 import os
 import random
+import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +40,8 @@ FORMAT_VERSION = 1
 
 
 # --- atomic file writes ------------------------------------------------------------------------
+# A write that fails (a full disk, a quota, a directory made read-only) raises OSError with the
+# file's name and leaves nothing behind: no temporary file, no half-written one.
 
 
 def fsync_dir(path: Path) -> None:
@@ -48,15 +52,70 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+class _FdWriter:
+    """A file opened for writing, written with `os.write`, each write checked.
+
+    Libraries that take a file object (torch.save) get this one: when they turn an OSError into
+    an error of their own ("unexpected pos ..."), `error` still holds the real one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as e:
+            self.error = OSError(e.errno, e.strerror, str(self.path))
+            raise self.error from None
+        return size
+
+    def flush(self) -> None:
+        pass
+
+
+def write_file(path: Path, data: bytes | str | Callable) -> None:
+    """Write `path` (text, bytes, or `data(file)` for a serializer) and fsync it; on failure
+    remove the partial file and raise the OSError, which names the file."""
+    path = Path(path)
+    try:
+        f = _FdWriter(path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    try:
+        try:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            os.fsync(f.fd)  # some filesystems report a full disk only here
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        except Exception:
+            if f.error is not None:  # the serializer hid the write's own error: raise that one
+                raise f.error from None
+            raise
+        finally:
+            os.close(f.fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str | bytes) -> None:
     """Replace `path` with `text` so that readers see the old or the new file, never half."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file(tmp, text)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -144,32 +203,86 @@ def model_state(model: torch.nn.Module) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, best: bool) -> Path:
-    """Write checkpoints/step_N atomically, point latest.json (and best.json) at it, prune old."""
+    """Write checkpoints/step_N atomically, point latest.json (and best.json) at it, prune old.
+
+    All or nothing: when a write fails (OSError: disk full, read-only), the run directory is
+    left as it was before the call, its previous checkpoint and pointers untouched, no partial
+    file behind; then the error is raised."""
     ckpts = run_dir / "checkpoints"
+    made_dir = not ckpts.is_dir()
     ckpts.mkdir(exist_ok=True)
     name = f"step_{step:06d}"
     final = ckpts / name
-    tmp = ckpts / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fsync_dir(tmp)
-    if final.exists():  # the same step saved again (e.g. a stop right after an eval)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(ckpts)
-    rel = f"checkpoints/{name}"
-    write_json(run_dir / "latest.json", {"checkpoint": rel, "step": step})
-    if best:
-        write_json(run_dir / "best.json", {"checkpoint": rel, "step": step, "val_loss": state.get("best_val")})
+    tmp, old = ckpts / f".{name}.tmp", ckpts / f".{name}.old"
+    for leftover in (tmp, old):  # from a process killed mid-save
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    try:
+        tmp.mkdir()
+        _write_weights(model_state(model), tmp / "model.safetensors")
+        write_file(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
+        write_file(tmp / "state.json", json.dumps(state) + "\n")
+        fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. a stop right after an eval): set it aside
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(ckpts)
+        rel = f"checkpoints/{name}"
+        pointers = {"latest": {"checkpoint": rel, "step": step}}
+        if best:
+            pointers["best"] = {"checkpoint": rel, "step": step, "val_loss": state.get("best_val")}
+        _write_pointers(run_dir, pointers)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists():  # put the checkpoint of this step that was there back
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(old, final)
+        elif f"checkpoints/{name}" not in {pointer(run_dir, "latest"), pointer(run_dir, "best")}:
+            shutil.rmtree(final, ignore_errors=True)  # made by this call: nothing names it
+        if made_dir:
+            shutil.rmtree(ckpts, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     _prune(run_dir)
     return final
+
+
+def _write_weights(tensors: dict, path: Path) -> None:
+    """safetensors' `save_file`, whose I/O errors (from Rust) come back as the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        path.unlink(missing_ok=True)
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def _write_pointers(run_dir: Path, pointers: dict) -> None:
+    """Replace latest.json (and best.json) together: every temporary file is written first, so
+    a failed write changes neither pointer."""
+    written = []
+    try:
+        for which, data in pointers.items():
+            path = run_dir / f"{which}.json"
+            tmp = path.with_name(f".{path.name}.tmp")
+            write_file(tmp, json.dumps(data, indent=2) + "\n")
+            written.append((tmp, path))
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)
+    fsync_dir(run_dir)
 
 
 def _prune(run_dir: Path) -> None:

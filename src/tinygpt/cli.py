@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tinygpt import config as C
 from tinygpt.errors import UserError
+from tinygpt.resources import memory_guard
 
 
 class Parser(argparse.ArgumentParser):
@@ -182,8 +183,10 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
     if not args.command:
         parser.error("choose a command: train, sample, eval, runs, bench, plot or presets")
     try:
-        return COMMANDS[args.command](args)
-    except UserError as e:
+        with memory_guard(f"out of memory in tinygpt {args.command}; use a smaller model or batch, "
+                          "or a device with more memory"):  # the commands name their own batches
+            return COMMANDS[args.command](args)
+    except UserError as e:  # ResourceErrors too (out of memory or disk): exit status 4
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; rank 0 says so
             sys.stderr.write(f"tinygpt {args.command}: error: {e}\n")
         return e.exit_code
@@ -262,7 +265,10 @@ def cmd_sample(args) -> int:
     shown = ""
     if stream:
         out.write(prompt)
-    with autocast(device, dtype):
+    with autocast(device, dtype), memory_guard(
+        f"out of memory on {device.type} sampling {cfg.num_samples} sample(s) at once (batch {cfg.num_samples} "
+        f"x block {model.config.block_size}, {str(dtype).removeprefix('torch.')}); use a smaller --num-samples"
+    ):
         for t in generate_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gen,
                                  cfg.kv_cache):
             for row, token in zip(new, t[:, 0].tolist()):
@@ -312,7 +318,10 @@ def cmd_eval(args) -> int:
     splits = {"val": (corpus.val, corpus.val_chars), "train": (corpus.train, corpus.train_chars)}
     for name in ("val", "train") if args.split == "both" else (args.split,):
         data, n_chars = splits[name]
-        with torch.no_grad():
+        with torch.no_grad(), memory_guard(
+            f"out of memory on {device.type} evaluating the {name} split (batch {args.batch_size} x block "
+            f"{model_cfg.block_size}, {str(dtype).removeprefix('torch.')}); use a smaller --batch-size"
+        ):
             results[name] = evaluate_split(model, data, model_cfg.block_size, device, dtype, n_chars,
                                            args.batch_size)
     if args.json:

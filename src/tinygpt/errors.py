@@ -2,7 +2,9 @@
 
 Anything the user can fix (a missing file, a bad flag value, a prompt with unknown characters)
 raises `UserError`. The CLI prints its message on one line and exits with status 2; no
-traceback, because the traceback would only hide the sentence that matters.
+traceback, because the traceback would only hide the sentence that matters. Subclasses set
+another `exit_code`: a diverged run (3, `train.DivergedError`), and the machine running out of
+memory or disk (4, `resources.ResourceError`).
 """
 
 

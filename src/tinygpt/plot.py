@@ -6,8 +6,10 @@ compare) and `--time` puts training seconds (evals excluded) on the x axis, for 
 equal training time.
 """
 
+import io
 from pathlib import Path
 
+from tinygpt import resources
 from tinygpt.errors import UserError
 from tinygpt.runs import read_metrics
 
@@ -37,15 +39,26 @@ def loss_figure(runs: list[Path], bpc: bool = False, time: bool = False):
 
 
 def plot_runs(runs: list[Path], out: Path | None = None, bpc: bool = False, time: bool = False) -> Path:
-    """Write the chart of `runs` to `out` (default: loss.png in the first run) and return the path."""
+    """Write the chart of `runs` to `out` (default: loss.png in the first run) and return the path.
+
+    The image is drawn in memory and replaces `out` atomically: a full disk leaves the previous
+    chart (or none), never half a PNG."""
     import matplotlib.pyplot as plt
+
+    from tinygpt.checkpoint import atomic_write_text
 
     fig = loss_figure(runs, bpc, time)
     out = Path(out) if out else Path(runs[0]) / "loss.png"
+    image = io.BytesIO()
     try:
-        fig.savefig(out)
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror}; choose another --out") from None
+        fig.savefig(image, format=out.suffix.lstrip(".").lower() or "png")
     finally:
         plt.close(fig)
+    try:
+        atomic_write_text(out, image.getvalue())
+    except OSError as e:
+        if resources.is_disk_fault(e):
+            raise resources.DiskError(f"{resources.what_failed(e)}; the plot was not written and nothing "
+                                      "half-written is left: free some space or choose another --out") from None
+        raise UserError(f"cannot write {out}: {e.strerror}; choose another --out") from None
     return out

@@ -14,12 +14,14 @@ new run goes, and what `metrics.jsonl` holds.
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
 
 from tinygpt import checkpoint as ckpt
 from tinygpt import config as C
+from tinygpt import resources
 from tinygpt.errors import UserError
 
 # Settings that may differ when a run is resumed; any other flag must match the saved run.
@@ -47,6 +49,7 @@ def settings_from_flags(flags: dict) -> tuple[C.ModelConfig, C.TrainConfig]:
 def resume_flags(flags: dict) -> dict:
     """The flags given with --resume on top of the saved run's settings, once checked to agree."""
     meta = ckpt.read_run_meta(Path(flags["resume"]))
+    check_writable(Path(flags["resume"]))
     saved_model, saved_train = ckpt.configs_from_meta(meta)
     saved = {k: v for k, v in {**C.to_dict(saved_model), **C.to_dict(saved_train)}.items() if k in C.TRAIN_KEYS}
     refuse_conflicts(saved, flags, RESUMABLE_OVERRIDES, "the run being resumed",
@@ -145,7 +148,15 @@ def prepare_run_dir(out: str | None, model: str, overwrite: bool) -> Path:
 def new_run_dir(cfg: C.TrainConfig, model_cfg: C.ModelConfig, tokenizer, extra: dict) -> Path:
     """Make the run directory and write the files it gets once: settings, versions, tokenizer."""
     run_dir = prepare_run_dir(cfg.out, model_cfg.model, cfg.overwrite)
-    ckpt.write_run_files(run_dir, model_cfg, cfg, tokenizer, extra)
+    try:
+        ckpt.write_run_files(run_dir, model_cfg, cfg, tokenizer, extra)
+    except OSError as e:
+        if not resources.is_disk_fault(e):
+            raise
+        for name in ("run.json", "tokenizer.json"):  # half a run directory would only be refused later
+            (run_dir / name).unlink(missing_ok=True)
+        raise resources.DiskError(f"{resources.what_failed(e)} while starting the run; free some space or "
+                                  "choose another --out") from None
     return run_dir
 
 
@@ -160,8 +171,26 @@ def check_world_size(meta: dict, run_dir: Path, world: int) -> None:
 
 
 def write_json_line(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one line. A write that fails (disk full) is undone before the OSError is raised:
+    no half line is left for a reader, nor a file that was not there."""
+    data = (json.dumps(record) + "\n").encode("utf-8")
+    existed = path.exists()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    size = os.fstat(fd).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        os.ftruncate(fd, size)  # shrinking needs no space
+        if not existed:
+            path.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
 
 
 def append_report(path: Path, step: int, losses: dict, lr: float, tokens_per_sec: float | None,
@@ -191,7 +220,21 @@ def trim_metrics(path: Path, upto_step: int) -> None:
             continue
         if record.get("step", 0) <= upto_step and "final_val_loss" not in record:
             keep.append(line)
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+    with resources.disk_guard(lambda e: f"{resources.what_failed(e)} while resuming: {path} could not be rewritten "
+                              "(it is unchanged); free some space, then resume again"):
+        ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse (one line, exit 4) a run directory that can no longer be written, before a run
+    resumed in it computes anything it could not save."""
+    probe = run_dir / f".write-test-{os.getpid()}"  # one per process: torchrun's ranks all check
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        probe.unlink()
+    except OSError as e:
+        raise resources.DiskError(f"run directory {run_dir} is not writable ({e.strerror}), so no checkpoint "
+                                  "could be saved; make it writable (or copy it elsewhere), then resume") from None
 
 
 def read_metrics(run_dir: Path, reports_only: bool = True) -> list[dict]:
@@ -247,8 +290,5 @@ def list_runs(root: Path) -> str:
 
 def _param_count(m: C.ModelConfig) -> str:
     """Parameters of a GPT from its config alone (no torch): embeddings, blocks, final norm, head."""
-    v, c, t = m.vocab_size, m.n_embd, m.block_size
-    per_block = 4 * c + 3 * c * c + (c * c + c) + (4 * c * c + 4 * c) + (4 * c * c + c)
-    n = v * c + (t * c if m.pos_emb == "learned" else 0) + m.n_layer * per_block + 2 * c
-    n += (0 if m.tie_embeddings else v * c) + v
+    n = resources.param_count(m)
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"

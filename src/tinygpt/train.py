@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tinygpt import STARTED, runs
+from tinygpt import STARTED, resources, runs
 from tinygpt import checkpoint as ckpt
 from tinygpt import config as C
 from tinygpt.data import BatchSampler, count_windows, encode_corpus, find_corpus, read_text
@@ -84,18 +84,20 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, dist: Distrib
     dtype = resolve_dtype(cfg.dtype, device)
     kernel = resolve_attention(model_cfg.attention, device)
 
+    resources.check_training_fits(model_cfg, cfg.batch_size, cfg.grad_accum, dtype, device, kernel)
     torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg)
-    if cfg.init_from and runs.hf_source(cfg.init_from):
-        from tinygpt.hf import load_gpt2_weights
+    with resources.memory_guard(lambda: _out_of_memory("build", 0, None, None, cfg, model_cfg, device, dtype)):
+        model = build_model(model_cfg)
+        if cfg.init_from and runs.hf_source(cfg.init_from):
+            from tinygpt.hf import load_gpt2_weights
 
-        load_gpt2_weights(model, runs.hf_source(cfg.init_from))
-    elif cfg.init_from:
-        ckpt.load_weights(ckpt.checkpoint_dir(cfg.init_from, "latest") / "model.safetensors", model,
-                          grown=cfg.grow_vocab)
-    model.to(device)
-    model.set_attention(kernel)
-    optimizer = make_optimizer(model, cfg)
+            load_gpt2_weights(model, runs.hf_source(cfg.init_from))
+        elif cfg.init_from:
+            ckpt.load_weights(ckpt.checkpoint_dir(cfg.init_from, "latest") / "model.safetensors", model,
+                              grown=cfg.grow_vocab)
+        model.to(device)
+        model.set_attention(kernel)
+        optimizer = make_optimizer(model, cfg)
     sampler = BatchSampler(corpus.train, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.grad_accum,
                            rank=dist.rank, world=dist.world)
 
@@ -121,7 +123,9 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, dist: Distrib
             extra["init_from"] = f"hf:{hf_dir.resolve()}" if hf_dir else str(Path(cfg.init_from).resolve())
         run_dir = dist.on_main(runs.new_run_dir, cfg, model_cfg, tokenizer, extra)
 
-    timing = time_probe(model, cfg, corpus, device, dtype, start_step)
+    with resources.memory_guard(lambda: _out_of_memory("probe", start_step, start_step if cfg.resume else None,
+                                                       run_dir, cfg, model_cfg, device, dtype)):
+        timing = time_probe(model, cfg, corpus, device, dtype, start_step)
     if timing["total"] >= 3600 and dist.is_main:
         log(f"this run will take about {timing['total'] / 3600:.1f} h on this machine "
             f"({timing['step']:.2g} s a step, {timing['estimate']:.0f} s a loss estimate; from a timed probe). "
@@ -148,8 +152,12 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, dist: Distrib
         for p in model.parameters():
             p.register_hook(_let_signals_in)
     model.train()
-    # One process stops at once; under torchrun every rank must finish the step together.
-    with SignalStop(interruptible=dist.world == 1) as stop:
+    # One process stops at once; under torchrun every rank must finish the step together. Running
+    # out of memory or disk ends the run with one line; the last checkpoint saved stays the run's.
+    with (SignalStop(interruptible=dist.world == 1) as stop,
+          resources.memory_guard(lambda: _out_of_memory(phase, step, saved_step, run_dir, cfg, model_cfg, device,
+                                                        dtype)),
+          resources.disk_guard(lambda e: _out_of_disk(e, step, saved_step, run_dir))):
         step, phase, rewind = start_step, "report", None
         try:
             while True:
@@ -271,7 +279,7 @@ def _final_eval(result, model, corpus, model_cfg, device, dtype, best_step, step
                 log) -> None:
     """Score the whole val split for the last model and, where it is another one, the best
     checkpoint; print both; leave the best weights in `model`."""
-    batch = max(32, 16384 // model_cfg.block_size)
+    batch = _final_eval_batch(model_cfg.block_size)
     n_batches = count_windows(len(corpus.val), model_cfg.block_size, batch)
     hint = timing["final"]
 
@@ -294,6 +302,11 @@ def _final_eval(result, model, corpus, model_cfg, device, dtype, best_step, step
         "step": step, "final_val_loss": best["loss"], "final_val_bpc": best["bits_per_char"],
         "best_step": result.best_step, "last_val_loss": last["loss"], "elapsed": time.perf_counter() - t_start,
         "since_start": time.perf_counter() - STARTED})
+
+
+def _final_eval_batch(block_size: int) -> int:
+    """Windows per forward pass in the final eval: about 16k tokens, at least 32 windows."""
+    return max(32, 16384 // block_size)
 
 
 def time_probe(model, cfg: C.TrainConfig, corpus, device, dtype, start_step: int) -> dict:
@@ -396,6 +409,43 @@ def _diverged(what: str, cfg: C.TrainConfig, run_dir: Path) -> DivergedError:
         f"{what} — training diverged; lower --learning-rate (now {cfg.learning_rate:g}), set --grad-clip 1.0 "
         f"or use --dtype float32. The last good checkpoint in {run_dir} is untouched"
     )
+
+
+def _out_of_memory(phase: str, step: int, saved_step: int | None, run_dir: Path | None, cfg: C.TrainConfig,
+                   model_cfg: C.ModelConfig, device, dtype) -> str:
+    """The one line for memory running out: where, with which batch, what is kept, the fix."""
+    block = model_cfg.block_size
+    batch = _final_eval_batch(block) if phase == "final" else cfg.batch_size
+    where = {"build": "building the model", "probe": f"the timing probe at step {step}",
+             "report": f"the step {step} loss estimate", "train": f"training step {step}",
+             "final": "the final evaluation"}[phase]
+    what = (f"out of memory on {device.type} in {where} (batch {batch} x block {block}, "
+            f"{str(dtype).removeprefix('torch.')}")
+    if phase == "build":
+        return (f"{what}, {resources.param_count(model_cfg):,} parameters); train a smaller model "
+                "(--n-embd, --n-layer) or use a device with more memory")
+    if phase == "final":
+        return (f"{what}); the run is complete and saved in {run_dir}: score it with "
+                f"`tinygpt eval --ckpt {run_dir} --batch-size {max(1, batch // 4)}`, and pass --no-final-eval "
+                "next time")
+    kept = ("no checkpoint was saved yet" if saved_step is None
+            else f"the last checkpoint (step {saved_step}) in {run_dir} is intact")
+    smaller = resources.halved_batch(batch, cfg.grad_accum)
+    if smaller is None:  # a batch of one: only a smaller model helps
+        return f"{what}); {kept}; start a new run with a smaller --block-size, --n-embd or --n-layer"
+    if saved_step is None:
+        return f"{what}); {kept}: run the command again with --overwrite {smaller} (the same effective batch)"
+    return f"{what}); {kept}: resume with `tinygpt train --resume {run_dir} {smaller}` (the same effective batch)"
+
+
+def _out_of_disk(e: OSError, step: int, saved_step: int | None, run_dir: Path) -> str:
+    """The one line for a refused write: which file, what is kept, and how to go on."""
+    if saved_step is None:
+        return (f"{resources.what_failed(e)} at step {step}; training stopped before its first checkpoint: "
+                "free some space (or choose another --out), then run the command again with --overwrite")
+    return (f"{resources.what_failed(e)} at step {step}; training stopped, the last checkpoint (step {saved_step}) "
+            f"is intact and nothing half-written is left in {run_dir}: free some space, then "
+            f"`tinygpt train --resume {run_dir}`")
 
 
 def _grad_norm(model, clip: float) -> float:
