@@ -87,8 +87,8 @@ def source_files(data: Path) -> list[Path]:
     return [data]
 
 
-def read_pieces(files: Iterable[Path], digest=None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """The text of `files`, one after the other, in pieces: read in chunks of bytes, never whole,
+def read_pieces(files: Iterable[Path], digest=None) -> Iterator[str]:
+    """The text of `files`, one after the other, in pieces: read CHUNK_BYTES at a time, never whole,
     and decoded as UTF-8 incrementally (a character cut between two chunks comes out whole).
     Bytes are kept as they are ("\\r\\n" stays). `digest` (a hashlib object) sees every byte."""
     for path in files:
@@ -100,7 +100,7 @@ def read_pieces(files: Iterable[Path], digest=None, chunk_bytes: int = CHUNK_BYT
             raise UserError(f"cannot read data file {path}: {e.strerror}") from None
         with f:
             while True:
-                raw = f.read(chunk_bytes)
+                raw = f.read(CHUNK_BYTES)
                 pending = len(decoder.getstate()[0])  # bytes of a character begun in the last chunk
                 try:
                     text = decoder.decode(raw, final=not raw)
