@@ -10,6 +10,7 @@ working directory (as in the lecture); `$TINYGPT_DATA_DIR/tinyshakespeare/input.
 """
 
 import hashlib
+import mmap
 import os
 import tempfile
 import urllib.error
@@ -152,7 +153,15 @@ def take(data, index: torch.Tensor) -> torch.Tensor:
     this reads only the pages under `index`, so memory does not grow with the corpus."""
     if isinstance(data, torch.Tensor):
         return data[index]
-    return torch.from_numpy(data[index.numpy()].astype(np.int64))
+    rows = data[index.numpy()].astype(np.int64)
+    mapping = getattr(data, "_mmap", None)  # np.memmap's own mmap, shared by its slices
+    if hasattr(mapping, "madvise"):
+        # Unmap what was just read. On a fault the kernel maps a whole page-cache folio (up to
+        # 2 MB, measured: 32 random windows of a 100 MB file put 45 MB in RSS), so a run's RSS
+        # would creep toward the file's size. The pages stay in the page cache, shared by every
+        # process; reading them again is a cheap minor fault. About 0.05 ms a batch.
+        mapping.madvise(mmap.MADV_DONTNEED)
+    return torch.from_numpy(rows)
 
 
 def random_batches(data: torch.Tensor, block_size: int, batch_size: int, n: int, seed: int):
