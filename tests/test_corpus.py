@@ -234,7 +234,7 @@ def test_train_resume_and_eval_read_one_token_file(tmp_path, capsys):
     m, t = tiny_configs(path, tmp_path / "run", max_iters=4, eval_interval=2)
     train(m, t, log=lambda *a: None)
     files = list(K.cache_dir().iterdir())
-    assert len(files) == 1 and files[0].name.startswith("t-char-")
+    assert len(files) == 1 and files[0].name.endswith("-char.tokens")
     assert load_tokenizer(tmp_path / "run" / "tokenizer.json").to_json() == K.read_header(files[0])[0]["tokenizer"]
     m, t = tiny_configs(path, tmp_path / "run", max_iters=6, resume=str(tmp_path / "run"))
     train(m, t, log=lambda *a: None)
@@ -243,12 +243,20 @@ def test_train_resume_and_eval_read_one_token_file(tmp_path, capsys):
     assert figures["val"]["tokens"] == len(TINY_TEXT) - int(0.9 * len(TINY_TEXT)) - 1
     assert list(K.cache_dir().iterdir()) == files
 
+    # Other text, whose own alphabet is not the run's: encoded with the run's tokenizer.
+    other = write(tmp_path / "other.txt", TINY_TEXT.replace("A", "") * 2)
+    assert main(["eval", "--ckpt", str(tmp_path / "run"), "--data", str(other), "--json"]) == 0
+    (new,) = set(K.cache_dir().iterdir()) - set(files)
+    assert new.name.startswith("other-") and "-tok" in new.name
+    text = other.read_text()
+    assert_same_as_in_memory(new, text, load_tokenizer(tmp_path / "run" / "tokenizer.json"))
+
 
 def test_prepare_once_then_train_reuses_it(tmp_path, capsys):
     path = write(tmp_path / "t.txt", TINY_TEXT)
     assert main(["prepare", "--data", str(path), "--tokenizer", "bpe", "--vocab-size", "300"]) == 0
     (token_file,) = K.cache_dir().iterdir()
-    assert token_file.name.startswith("t-bpe300-") and str(token_file) in capsys.readouterr().out
+    assert token_file.name.endswith("-bpe300.tokens") and str(token_file) in capsys.readouterr().out
     stamp = token_file.stat().st_mtime_ns
     assert main(["train", "--data", str(path), "--out", str(tmp_path / "run"), "--tokenizer", "bpe",
                  "--vocab-size", "300", *map(str, TINY)]) == 0

@@ -7,9 +7,10 @@ stays flat whatever its size. `tinygpt prepare` does it explicitly; `train` and 
 first use and reuse the file while the text is unchanged.
 
 Where: `$TINYGPT_CACHE_DIR`, else `encoded/` under the data directory (`$TINYGPT_DATA_DIR`,
-default ~/.cache/tinygpt): one file per data path and tokenizer, `NAME-RECIPE-KEY.tokens`. RECIPE
-is `char` or `bpe512` (a tokenizer trained on the data itself) or `tok` + a hash (a given
-tokenizer: a resumed, evaluated or fine-tuned run's, when the data's own no longer matches it).
+default ~/.cache/tinygpt): one file per data path and tokenizer, `NAME-KEY-RECIPE.tokens`, KEY a
+hash of the data's absolute path. RECIPE is `char` or `bpe512` (a tokenizer trained on the data
+itself) or `tok` + a hash of a given tokenizer (a resumed, evaluated or fine-tuned run's, where no
+file of the data was encoded with it already).
 
 Layout: MAGIC, the header's length (4 bytes, little-endian), the header (JSON), zeros up to a
 multiple of 4096 bytes, then the ids as uint8 / uint16 / uint32 (the smallest that holds the
@@ -65,11 +66,11 @@ def cache_dir() -> Path:
 
 
 def cache_path(data: Path, recipe: str) -> Path:
-    """The token file of `data` (as its absolute path) encoded by `recipe`."""
+    """The token file of `data` (as its absolute path) encoded by `recipe` ("*": any recipe)."""
     where = Path(data).resolve()
-    key = hashlib.sha256(f"{where}\n{recipe}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(str(where).encode()).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", where.stem)[:40] or "corpus"
-    return cache_dir() / f"{name}-{recipe}-{key}.tokens"
+    return cache_dir() / f"{name}-{key}-{recipe}.tokens"
 
 
 def source_files(data: Path) -> list[Path]:
@@ -343,18 +344,17 @@ def prepare(data: Path, tokenizer: Tokenizer | None = None, kind: str = "char", 
     reused when fresh, else (or when `force`d) encoded now. Returns its path."""
     data = Path(data)
     files = source_files(data)
-    natural = "char" if kind == "char" else f"bpe{vocab_size}"
+    recipe = "char" if kind == "char" else f"bpe{vocab_size}"
     if tokenizer is not None:
-        # The data's own tokenizer is usually the run's (a run trained on this data): use its file.
-        natural = "char" if tokenizer.kind == "char" else f"bpe{tokenizer.vocab_size}"
-        path = cache_path(data, natural)
-        if not force and _fresh(path, files, _redo(data, natural)) and \
-                read_header(path)[0]["tokenizer"] == tokenizer.to_json():
-            return path
-        digest = hashlib.sha256(json.dumps(tokenizer.to_json(), sort_keys=True).encode()).hexdigest()
-        recipe = f"tok{digest[:12]}"
-    else:
-        recipe = natural
+        wanted = tokenizer.to_json()
+        # Usually the data was encoded with this tokenizer already (the run was trained on it):
+        # any fresh file of the data with the very same tokenizer will do.
+        pattern = cache_path(data, "*")
+        for path in [] if force else sorted(pattern.parent.glob(pattern.name)):
+            if _fresh(path, files, _redo(data, path.stem.rsplit("-", 1)[-1])) and \
+                    read_header(path)[0]["tokenizer"] == wanted:
+                return path
+        recipe = "tok" + hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_path(data, recipe)
     if force or not _fresh(path, files, _redo(data, recipe)):
         encode(data, files, path, tokenizer, recipe, vocab_size, log)

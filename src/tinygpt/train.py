@@ -35,7 +35,7 @@ from tinygpt.model import build_model
 from tinygpt.optim import lr_at, make_optimizer
 from tinygpt.progress import Progress
 from tinygpt.runtime import autocast, resolve_attention, resolve_device, resolve_dtype
-from tinygpt.tokenizer import CharTokenizer, load_tokenizer
+from tinygpt.tokenizer import CharTokenizer, load_tokenizer, tokenizer_from_json
 
 
 class DivergedError(UserError):
@@ -238,7 +238,7 @@ def _tokenizer_and_tokens(cfg: C.TrainConfig, dist: Distributed, log):
         saved_model, _ = ckpt.configs_from_meta(meta)
         tokenizer = ckpt.load_run_tokenizer(cfg.resume, saved_model)
         data_path = Path(cfg.data) if cfg.data else Path(meta["data_path"])
-        return tokenizer, data_path, dist.on_main(prepare, data_path, tokenizer, log=log), meta
+        return tokenizer, data_path, _prepared(dist, data_path, tokenizer, log), meta
     data_path = find_corpus(cfg.data)
     if cfg.init_from:
         ckpt.read_run_meta(Path(cfg.init_from))
@@ -252,9 +252,19 @@ def _tokenizer_and_tokens(cfg: C.TrainConfig, dist: Distributed, log):
                 f"{data_path} has {len(unknown)} character(s) the run {cfg.init_from} never saw "
                 f"({', '.join(map(repr, unknown[:10]))}); pass --grow-vocab to add them"
             )
-        return tokenizer, data_path, dist.on_main(prepare, data_path, tokenizer, log=log), None
+        return tokenizer, data_path, _prepared(dist, data_path, tokenizer, log), None
     tokens = dist.on_main(prepare, data_path, kind=cfg.tokenizer, vocab_size=cfg.vocab_size, log=log)
-    return read_tokenizer(tokens), data_path, tokens, None
+    # Rank 0's tokenizer, sent to all: on another machine its token file may not exist.
+    tokenizer = tokenizer_from_json(dist.on_main(lambda: read_tokenizer(tokens).to_json()))
+    return tokenizer, data_path, tokens if dist.is_main else prepare(data_path, tokenizer), None
+
+
+def _prepared(dist: Distributed, data_path: Path, tokenizer, log) -> Path:
+    """The token file of `data_path` with `tokenizer`: rank 0 encodes it if it must, then every
+    other process finds it (a quick check) or, on a machine that does not share the disk,
+    encodes its own copy."""
+    tokens = dist.on_main(prepare, data_path, tokenizer, log=log)
+    return tokens if dist.is_main else prepare(data_path, tokenizer)
 
 
 def _final_eval(result, model, corpus, model_cfg, device, dtype, best_step, step, timing, progress, t_start,
