@@ -6,6 +6,7 @@ the text is unchanged; never be left half-written; and be refused, with the way 
 when it is not a token file or is cut short.
 """
 
+import errno
 import json
 import os
 import random
@@ -171,6 +172,25 @@ def test_no_partial_file_when_prepare_is_interrupted(tmp_path, small_chunks, mon
     with pytest.raises(KeyboardInterrupt):
         K.prepare(path)
     assert list(K.cache_dir().iterdir()) == [token_file] and token_file.read_bytes() == before  # the old one
+
+
+def test_full_disk_is_a_user_error_and_leaves_nothing(tmp_path, monkeypatch):
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    path = write(tmp_path / "t.txt", TINY_TEXT)
+    fdopen = os.fdopen
+    monkeypatch.setattr(K.os, "fdopen", lambda fd, mode: FullDisk(fdopen(fd, mode)))
+    with pytest.raises(UserError, match="cannot write the encoded corpus in .*: No space left on device; free"):
+        K.prepare(path)
+    assert list(K.cache_dir().iterdir()) == []
 
 
 def one_line_error(capsys, *args) -> str:

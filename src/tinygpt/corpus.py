@@ -252,8 +252,7 @@ class TokenWriter:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             fd, self.tmp = tempfile.mkstemp(dir=self.dest.parent, prefix=f".{self.dest.name}.", suffix=".part")
         except OSError as e:
-            raise UserError(f"cannot write the encoded corpus in {self.dest.parent}: {e.strerror}; set "
-                            "TINYGPT_CACHE_DIR to a writable directory") from None
+            raise self._error(e) from None
         os.chmod(self.tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
         self.file = os.fdopen(fd, "wb")
         self.offset = -(-(len(MAGIC) + 4 + header_room) // ALIGN) * ALIGN
@@ -261,22 +260,32 @@ class TokenWriter:
         self.count = 0
 
     def write(self, ids: np.ndarray) -> None:
-        self.file.write(ids.tobytes())
+        try:
+            self.file.write(ids.tobytes())
+        except OSError as e:  # a full disk, most likely
+            raise self._error(e) from None
         self.count += len(ids)
 
     def commit(self, header: dict) -> None:
         blob = json.dumps(header).encode("utf-8")
         if len(MAGIC) + 4 + len(blob) > self.offset:
             raise RuntimeError("the token file's header outgrew the room kept for it")
-        self.file.seek(0)
-        self.file.write(MAGIC + struct.pack("<I", len(blob)) + blob)
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.dest)
+        try:
+            self.file.seek(0)
+            self.file.write(MAGIC + struct.pack("<I", len(blob)) + blob)
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.dest)
+        except OSError as e:
+            raise self._error(e) from None
         from tinygpt.checkpoint import fsync_dir
 
         fsync_dir(self.dest.parent)
+
+    def _error(self, e: OSError) -> UserError:
+        return UserError(f"cannot write the encoded corpus in {self.dest.parent}: {e.strerror}; free some space "
+                         "or set TINYGPT_CACHE_DIR to a writable directory with room for it")
 
     def __enter__(self):
         return self

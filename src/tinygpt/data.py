@@ -204,7 +204,9 @@ class Corpus:
 
 
 def encode_corpus(path: Path, text: str, tokenizer, block_size: int) -> Corpus:
-    """Encode each split of `text` (the lecture's 90/10 cut, on characters) with `tokenizer`."""
+    """Encode each split of `text` (the lecture's 90/10 cut, on characters) with `tokenizer`, in
+    memory. Runs use the encoded corpus file instead (`tinygpt.corpus`), whose ids are tested equal
+    to these."""
     train_text, val_text = split(text)
     train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
     val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
