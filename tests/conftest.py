@@ -56,3 +56,9 @@ def shakespeare_path() -> Path | None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path_factory, monkeypatch):
+    """Encoded corpora go to a fresh directory per test, never into the shared data directory."""
+    monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path_factory.mktemp("encoded")))

@@ -111,11 +111,17 @@ def test_memory_estimate_matches_measured_peaks(values, batch):
     gradients' and the backward's temporaries that the formula leaves out)."""
     values = {"vocab_size": 65, **values}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-    r = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(values), str(batch)], capture_output=True,
-                       text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    measured = int(r.stdout)
+
+    def measure() -> int:
+        r = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(values), str(batch)], capture_output=True,
+                           text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout)
+
     estimate = resources.training_memory(C.build(C.ModelConfig, values), batch).total
+    measured = measure()
+    if measured > 1.25 * estimate:  # RSS noise (e.g. a huge page mapped in whole) only adds: measure again
+        measured = min(measured, measure())
     assert estimate <= measured <= 1.25 * estimate, (estimate, measured)
 
 

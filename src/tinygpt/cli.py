@@ -1,4 +1,4 @@
-"""The `tinygpt` command: train, sample, eval, serve, runs, export, bench, plot, presets.
+"""The `tinygpt` command: train, sample, eval, prepare, serve, runs, export, bench, plot, presets.
 
 Flags are generated from the config dataclasses, so `--help` always shows every setting with its
 default and meaning. Errors the user can fix print one line and exit with status 2. Nothing
@@ -121,6 +121,16 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
                    help="sequences decoded together; more wait their turn (default: 16)")
     add_fields(p, C.TrainConfig, only={"device", "dtype"})
 
+    p = sub.add_parser("prepare", help="encode a corpus once into a token file that runs memory-map",
+                       description="Encode the text once into a file of token ids (in $TINYGPT_CACHE_DIR, "
+                       "default DATA_DIR/encoded) that train and eval memory-map. train does this on first "
+                       "use; the file is reused while the text is unchanged.")
+    p.add_argument("--data", help="UTF-8 text file, or a directory: every *.txt below it, in sorted path "
+                   "order, as one corpus (default: Tiny Shakespeare)")
+    add_fields(p, C.TrainConfig, only={"tokenizer", "vocab_size"})
+    p.add_argument("--force", action="store_true", help="encode again even if the file is up to date, "
+                   "replacing a damaged one")
+
     p = sub.add_parser("runs", help="list the runs in a directory as a table",
                        description="One line per run: name, model size, steps, best val loss, bits/char, date.")
     p.add_argument("dir", nargs="?", default="runs", help="directory holding run directories (default: 'runs')")
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
         print(f"tinygpt {version()}")
         return 0
     if not args.command:
-        parser.error("choose a command: train, sample, eval, runs, bench, plot or presets")
+        parser.error("choose a command: train, sample, eval, prepare, serve, runs, export, bench, plot or presets")
     try:
         with memory_guard(f"out of memory in tinygpt {args.command}; use a smaller model or batch, "
                           "or a device with more memory"):  # the commands name their own batches
@@ -302,7 +312,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from tinygpt.checkpoint import configs_from_meta, load_run, read_run_meta
-    from tinygpt.data import encode_corpus, read_text
+    from tinygpt.corpus import load_corpus, prepare
     from tinygpt.evaluate import evaluate_split
     from tinygpt.runtime import resolve_device, resolve_dtype
 
@@ -312,7 +322,8 @@ def cmd_eval(args) -> int:
     model_cfg, _ = configs_from_meta(meta)
     model, tokenizer = load_run(args.ckpt, args.which, device)
     data_path = Path(args.data or meta["data_path"])
-    corpus = encode_corpus(data_path, read_text(data_path), tokenizer, model_cfg.block_size)
+    corpus = load_corpus(prepare(data_path, tokenizer, log=lambda line: sys.stderr.write(line + "\n")),
+                         model_cfg.block_size)
     say_which(args.ckpt, args.which)
     results = {"run": str(args.ckpt), "data": str(data_path)}
     splits = {"val": (corpus.val, corpus.val_chars), "train": (corpus.train, corpus.train_chars)}
@@ -340,6 +351,19 @@ def cmd_serve(args) -> int:
 
     return serve(args.ckpt, args.which, args.host, args.port, getattr(args, "device", "auto"),
                  getattr(args, "dtype", "auto"), args.api_key, args.max_batch)
+
+
+def cmd_prepare(args) -> int:
+    from tinygpt.corpus import prepare, read_header
+    from tinygpt.data import find_corpus
+
+    cfg = C.build(C.TrainConfig, {k: getattr(args, k) for k in ("tokenizer", "vocab_size") if hasattr(args, k)})
+    path = prepare(find_corpus(args.data), kind=cfg.tokenizer, vocab_size=cfg.vocab_size, force=args.force,
+                   log=print)
+    header, _ = read_header(path)
+    print(f"{path}: {header['train_tokens']:,} train + {header['val_tokens']:,} val tokens ({header['dtype']}) "
+          f"of {header['chars']:,} characters")
+    return 0
 
 
 def cmd_runs(args) -> int:
@@ -377,8 +401,8 @@ def cmd_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "serve": cmd_serve, "runs": cmd_runs,
-            "export": cmd_export, "presets": cmd_presets, "bench": cmd_bench, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "prepare": cmd_prepare, "serve": cmd_serve,
+            "runs": cmd_runs, "export": cmd_export, "presets": cmd_presets, "bench": cmd_bench, "plot": cmd_plot}
 
 
 if __name__ == "__main__":

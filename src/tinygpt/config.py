@@ -90,7 +90,8 @@ class ModelConfig:
 class TrainConfig:
     """How to train. Defaults are the lecture's GPT recipe."""
 
-    data: str | None = setting(None, "UTF-8 text file to train on (default: Tiny Shakespeare, downloaded once)")
+    data: str | None = setting(None, "UTF-8 text file to train on, or a directory: every *.txt below it, in "
+                                   "sorted path order (default: Tiny Shakespeare, downloaded once)")
     out: str | None = setting(None, "run directory to write (default: runs/MODEL-TIMESTAMP)")
     resume: str | None = setting(None, "continue the run in this directory from its latest checkpoint")
     overwrite: bool = setting(False, "allow replacing an existing run directory given by --out")

@@ -6,6 +6,7 @@ the training split. Both save to, and load from, one JSON file in the run direct
 """
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tinygpt.errors import UserError
@@ -57,7 +58,8 @@ class BPETokenizer:
         self.hf = hf_tokenizer
 
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
+    def train(cls, text: str | Iterable[str], vocab_size: int) -> "BPETokenizer":
+        """Train on `text`: a string, or its pieces in order (a corpus streamed from disk)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -68,10 +70,8 @@ class BPETokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        # Feed the text in chunks of lines so the trainer does not hold one giant string.
-        lines = text.splitlines(keepends=True)
-        chunks = ("".join(lines[i : i + 1000]) for i in range(0, len(lines), 1000))
-        tok.train_from_iterator(chunks, trainer=trainer)
+        # Feed the text in groups of lines so the trainer does not hold one giant string.
+        tok.train_from_iterator(line_groups([text] if isinstance(text, str) else text), trainer=trainer)
         return cls(tok)
 
     @property
@@ -93,6 +93,26 @@ class BPETokenizer:
 
 
 Tokenizer = CharTokenizer | BPETokenizer
+
+
+def line_groups(pieces: Iterable[str], n: int = 1000) -> Iterator[str]:
+    """Groups of `n` lines of the text that `pieces` spell, the same for any cut into pieces
+    (a line cut between two pieces, "\\r\\n" included, is joined first). The BPE trainer counts
+    words per group, so the groups, and with them the trained tokenizer, must not depend on how
+    the text was read."""
+    group, carry = [], ""
+    for piece in pieces:
+        lines = (carry + piece).splitlines(keepends=True)
+        carry = lines.pop() if lines else ""  # maybe unfinished: it may go on in the next piece
+        for line in lines:
+            group.append(line)
+            if len(group) == n:
+                yield "".join(group)
+                group = []
+    if carry:
+        group.append(carry)
+    if group:
+        yield "".join(group)
 
 
 def train_tokenizer(kind: str, text: str, vocab_size: int = 512) -> Tokenizer:

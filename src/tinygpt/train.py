@@ -26,7 +26,8 @@ import torch
 from tinygpt import STARTED, resources, runs
 from tinygpt import checkpoint as ckpt
 from tinygpt import config as C
-from tinygpt.data import BatchSampler, count_windows, encode_corpus, find_corpus, read_text
+from tinygpt.corpus import load_corpus, prepare, read_tokenizer, text_alphabet
+from tinygpt.data import BatchSampler, count_windows, find_corpus, take
 from tinygpt.distributed import SINGLE, Distributed
 from tinygpt.errors import UserError
 from tinygpt.evaluate import estimate_loss, evaluate_split
@@ -34,7 +35,7 @@ from tinygpt.model import build_model
 from tinygpt.optim import lr_at, make_optimizer
 from tinygpt.progress import Progress
 from tinygpt.runtime import autocast, resolve_attention, resolve_device, resolve_dtype
-from tinygpt.tokenizer import CharTokenizer, load_tokenizer, train_tokenizer
+from tinygpt.tokenizer import CharTokenizer, load_tokenizer, tokenizer_from_json
 
 
 class DivergedError(UserError):
@@ -73,14 +74,13 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, dist: Distrib
     t_start = time.perf_counter()
     log = dist.main_only(log)
     device = dist.device(resolve_device(cfg.device))
-    tokenizer, text, data_path, meta = _tokenizer_and_text(cfg, dist, model_cfg.block_size)
+    tokenizer, data_path, tokens, meta = _tokenizer_and_tokens(cfg, dist, log)
     if cfg.init_from:  # fine-tuning keeps the base run's architecture
         model_cfg = runs.finetune_model_config(cfg.init_from, model_cfg)
     if cfg.tokenizer != tokenizer.kind:  # run.json says which tokenizer the run really uses
         cfg = C.build(C.TrainConfig, {**C.to_dict(cfg), "tokenizer": tokenizer.kind})
     model_cfg = C.build(C.ModelConfig, {**C.to_dict(model_cfg), "vocab_size": tokenizer.vocab_size})
-    corpus = encode_corpus(data_path, text, tokenizer, model_cfg.block_size)
-    del text
+    corpus = load_corpus(tokens, model_cfg.block_size)  # memory-mapped: memory does not grow with it
     dtype = resolve_dtype(cfg.dtype, device)
     kernel = resolve_attention(model_cfg.attention, device)
 
@@ -242,16 +242,17 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, dist: Distrib
     return result
 
 
-def _tokenizer_and_text(cfg: C.TrainConfig, dist: Distributed, block_size: int):
-    """The tokenizer (the run's, the base run's, or a new one) and the text, with its path."""
+def _tokenizer_and_tokens(cfg: C.TrainConfig, dist: Distributed, log):
+    """The tokenizer (the run's, the base run's, or a new one trained on the data), the data
+    path and its encoded corpus file (see `tinygpt.corpus`). Rank 0 encodes the text if it has
+    to; every process then maps the same file."""
     if cfg.resume:
         meta = ckpt.read_run_meta(Path(cfg.resume))
         saved_model, _ = ckpt.configs_from_meta(meta)
         tokenizer = ckpt.load_run_tokenizer(cfg.resume, saved_model)
         data_path = Path(cfg.data) if cfg.data else Path(meta["data_path"])
-        return tokenizer, read_text(data_path), data_path, meta
+        return tokenizer, data_path, _prepared(dist, data_path, tokenizer, log), meta
     data_path = find_corpus(cfg.data)
-    text = read_text(data_path, min_chars=2 * (block_size + 1))
     if cfg.init_from:
         if runs.hf_source(cfg.init_from):
             from tinygpt.hf import read_gpt2_tokenizer
@@ -260,19 +261,28 @@ def _tokenizer_and_text(cfg: C.TrainConfig, dist: Distributed, block_size: int):
         else:
             ckpt.read_run_meta(Path(cfg.init_from))
             tokenizer = load_tokenizer(Path(cfg.init_from) / "tokenizer.json")
-        unknown = tokenizer.unknown(text)
+        alphabet = dist.on_main(text_alphabet, data_path)  # in order of first appearance
+        unknown = tokenizer.unknown(alphabet)
         if unknown and cfg.grow_vocab and isinstance(tokenizer, CharTokenizer):
-            tokenizer = tokenizer.extend(text)
+            tokenizer = tokenizer.extend(alphabet)
         elif unknown:
             raise UserError(
                 f"{data_path} has {len(unknown)} character(s) the run {cfg.init_from} never saw "
                 f"({', '.join(map(repr, unknown[:10]))}); pass --grow-vocab to add them"
             )
-        return tokenizer, text, data_path, None
-    split_at = int(0.9 * len(text))
-    tokenizer = dist.on_main(train_tokenizer, cfg.tokenizer, text if cfg.tokenizer == "char" else text[:split_at],
-                             cfg.vocab_size)
-    return tokenizer, text, data_path, None
+        return tokenizer, data_path, _prepared(dist, data_path, tokenizer, log), None
+    tokens = dist.on_main(prepare, data_path, kind=cfg.tokenizer, vocab_size=cfg.vocab_size, log=log)
+    # Rank 0's tokenizer, sent to all: on another machine its token file may not exist.
+    tokenizer = tokenizer_from_json(dist.on_main(lambda: read_tokenizer(tokens).to_json()))
+    return tokenizer, data_path, tokens if dist.is_main else prepare(data_path, tokenizer), None
+
+
+def _prepared(dist: Distributed, data_path: Path, tokenizer, log) -> Path:
+    """The token file of `data_path` with `tokenizer`: rank 0 encodes it if it must, then every
+    other process finds it (a quick check) or, on a machine that does not share the disk,
+    encodes its own copy."""
+    tokens = dist.on_main(prepare, data_path, tokenizer, log=log)
+    return tokens if dist.is_main else prepare(data_path, tokenizer)
 
 
 def _final_eval(result, model, corpus, model_cfg, device, dtype, best_step, step, timing, progress, t_start,
@@ -315,7 +325,7 @@ def time_probe(model, cfg: C.TrainConfig, corpus, device, dtype, start_step: int
     and gradients are left as they were, so the run itself is unchanged."""
     block = model.config.block_size
     n = cfg.batch_size if device.type == "cuda" else min(4, cfg.batch_size)  # CPU: a small, fast probe
-    x = corpus.train[: n * block + 1]
+    x = take(corpus.train, torch.arange(min(len(corpus.train), n * block + 1)))
     x = x[: (len(x) - 1) // block * block + 1]
     rows = max(1, (len(x) - 1) // block)
     inputs, targets = x[:-1].view(rows, -1)[:, :block].to(device), x[1:].view(rows, -1)[:, :block].to(device)
