@@ -1,3 +1,6 @@
+"""The text: finding and downloading the corpus, reading it exactly (bad files refused in one
+line), the 90/10 split, and batches that are the same for any split of the work."""
+
 import hashlib
 import http.server
 import threading
@@ -5,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error, cli, tiny_args
 
 from tinygpt import data
 from tinygpt.errors import UserError
@@ -99,3 +103,32 @@ def test_batch_sampler_same_global_batch_for_any_split_of_work():
         assert torch.equal(a, b)
         x, y = micro[0]
         assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+# --- reading the text exactly ----------------------------------------------------------------------
+
+DATA = {
+    "missing": (None, "does not exist; give a UTF-8 text file with --data PATH"),
+    "a directory": ("dir", "is a directory; give a text file inside it"),
+    "empty": (b"", "is empty; give a file with text in it"),
+    "shorter than 2 x (block_size + 1)": (b"To be, or not to be", "has 19 characters, too few"),
+    "a split shorter than block_size + 1": (b"To be, or not to be, that is the question:\n",
+                                            "too short: its smaller split has 5 tokens, fewer than "
+                                            "block_size + 1 = 17"),
+    "not UTF-8": ("Caf\xe9 au lait\n".encode("latin-1") * 20, "is not valid UTF-8 (byte 3); convert it"),
+}
+
+
+@pytest.mark.parametrize("case", DATA)
+def test_bad_data_file(tmp_path, case):
+    content, message = DATA[case]
+    path = tmp_path / "data.txt"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    r = cli("train", *tiny_args(path, tmp_path / "run", max_iters=2))
+    assert_one_line_error(r, "tinygpt train: error: data", message)
+    assert not (tmp_path / "run").exists()
+
+
