@@ -34,16 +34,23 @@ from tinygpt.train import train
 # --- round trip ---------------------------------------------------------------------------------------
 
 
-def test_run_directory_round_trip_identical_logits(tiny_text_file, tmp_path):
-    m, t = tiny_configs(tiny_text_file, tmp_path / "run", max_iters=20, dropout=0.1,
-                        pos_emb="rope", tie_embeddings=True)
+def test_loaded_model_is_the_trained_model(tiny_text_file, tmp_path):
+    """`load_run` gives back the model `train` ended with: the same config and, in eval mode,
+    identical logits (atol=0)."""
+    m, t = tiny_configs(tiny_text_file, tmp_path / "run", max_iters=20, eval_interval=10, dropout=0.1,
+                        pos_emb="rope", tie_embeddings=True, final_eval=True)
     result = train(m, t, log=lambda *_: None)
-    loaded, tok = load_run(result.run_dir)
-    assert tok.decode(tok.encode("Speak")) == "Speak"
-    assert loaded.config == build(ModelConfig, {**m.__dict__, "vocab_size": tok.vocab_size})
-    idx = torch.randint(0, tok.vocab_size, (2, 16))
-    again, _ = load_run(result.run_dir)
-    torch.testing.assert_close(loaded(idx)[0], again(idx)[0], rtol=0, atol=0)
+    assert result.best_step == result.step == 20  # best is last: `result.model` holds the trained weights
+    trained = result.model.eval()
+
+    idx = torch.randint(0, trained.config.vocab_size, (2, 16))
+    for which in ("best", "latest"):  # one checkpoint here, named by both pointers
+        loaded, tok = load_run(result.run_dir, which=which)
+        assert tok.decode(tok.encode("Speak")) == "Speak"
+        assert loaded.config == build(ModelConfig, {**m.__dict__, "vocab_size": tok.vocab_size})
+        assert loaded.lm_head.weight is loaded.token_embedding_table.weight  # tied again after loading
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(idx)[0], trained(idx)[0], rtol=0, atol=0)
     meta = json.loads((result.run_dir / "run.json").read_text())
     assert meta["format_version"] == 1 and meta["train"]["max_iters"] == 20
 
