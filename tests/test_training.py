@@ -1,14 +1,17 @@
 """Training: tiny models learn for real, runs repeat exactly, every run records itself and its
-metrics, and a diverging run stops without touching its last good checkpoint."""
+metrics, a diverging run stops without touching its last good checkpoint, and the losses of the
+tiny config's first steps are pinned to a golden file."""
 
 import json
 import math
+import os
 import sys
 from collections import Counter
 
 import pytest
 import torch
 from conftest import (
+    REPO,
     TINY_TEXT,
     assert_one_line_error,
     cli,
@@ -16,11 +19,13 @@ from conftest import (
     snapshot,
     tiny_args,
     tiny_configs,
+    tiny_flags,
 )
 
 from tinygpt.checkpoint import checkpoint_dir, load_run
 from tinygpt.data import split
 from tinygpt.evaluate import evaluate_split
+from tinygpt.progress import Progress
 from tinygpt.runs import read_metrics
 from tinygpt.train import train
 
@@ -78,6 +83,50 @@ def test_shakespeare_bigram_defaults(tmp_path):
     result = train(m, t, **QUIET)
     assert result.final["loss"] <= 2.50
     assert result.final["tokens"] == 111539  # the whole val split, each character once
+
+
+# --- golden losses ------------------------------------------------------------------------------------
+
+GOLDEN = REPO / "tests" / "golden" / "tiny_losses.json"
+GOLDEN_STEPS = 20
+
+
+def test_golden_losses(tiny_text_file, tmp_path, monkeypatch):
+    """The training loss of each of the tiny config's first 20 steps (CPU, float32, seed 1337,
+    dropout 0), pinned to tests/golden/tiny_losses.json, as torchtitan's golden-loss tests do: a
+    change to the model, the optimizer, the data order or the loop that moves any loss shows here.
+
+    After a deliberate change, regenerate the file and commit it with the change that explains it:
+        TINYGPT_UPDATE_GOLDEN=1 pytest tests/test_training.py -k golden
+    """
+    settings = tiny_flags(max_iters=GOLDEN_STEPS, eval_interval=GOLDEN_STEPS, attention="manual")
+    losses = []
+    step = Progress.step
+
+    def record(self, loss, tokens_per_sec):  # the loop reports each step's loss here
+        losses.append(loss)
+        step(self, loss, tokens_per_sec)
+
+    monkeypatch.setattr(Progress, "step", record)
+    m, t = tiny_configs(tiny_text_file, tmp_path / "run", **settings)
+    assert t.seed == 1337 and m.dropout == 0.0 and t.dtype == "float32" and t.device == "cpu"
+    train(m, t, **QUIET)
+    assert len(losses) == GOLDEN_STEPS
+
+    if os.environ.get("TINYGPT_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({
+            "about": "training loss of the first steps of tests/conftest.py's TINY on tests' TINY_TEXT; "
+                     "regenerate: TINYGPT_UPDATE_GOLDEN=1 pytest tests/test_training.py -k golden",
+            "settings": settings, "torch": torch.__version__, "losses": losses}, indent=2) + "\n")
+        pytest.skip(f"wrote {GOLDEN}")
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["settings"] == settings, "the tiny config changed: regenerate the golden file (see above)"
+    # Not bit-exact: float32 sums are ordered differently by other CPUs' vector units, other BLAS
+    # builds and thread counts (and by other torch versions), which moves the last bits of a loss;
+    # 1e-5 of a loss near 3 is far below what any change to the model or the optimizer moves.
+    assert losses == pytest.approx(golden["losses"], rel=1e-5, abs=0)
+    assert losses[-1] < losses[0] - 0.5  # the pinned run does learn
 
 
 # --- what a run records ----------------------------------------------------------------------------------
