@@ -90,6 +90,12 @@ def test_help_shows_every_field_with_its_default_once(monkeypatch):
     assert "config" in blocks and "preset" in blocks
 
 
+def test_dropout_help_names_what_it_drops():
+    dropout = help_blocks(cli("train", "--help").out)["dropout"]
+    assert "attention and feed-forward" in dropout
+    assert "embedding" not in dropout  # there is no embedding dropout
+
+
 # --- values refused, naming the field ------------------------------------------------------------------
 
 BAD_TRAIN_FLAGS = [

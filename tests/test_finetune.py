@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TEXT, assert_one_line_error, cli, tiny_configs, weights
+from conftest import TINY_TEXT, assert_one_line_error, cli, tiny_args, tiny_configs, weights
 
-from tinygpt.checkpoint import load_run
+from tinygpt.checkpoint import checkpoint_dir, load_run
 from tinygpt.tokenizer import load_tokenizer
 from tinygpt.train import train
 
@@ -98,3 +98,16 @@ def test_fine_tuning_runs_record_their_tokenizer_kind(tiny_text_file, tmp_path):
     assert dataclasses.asdict(load_run(tmp_path / "ft")[0].config)["vocab_size"] == vocab
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_bytes(path.read_bytes()[:500]), "is truncated or corrupted"),
+    (lambda path: path.write_bytes(b"\xff" * 16 + path.read_bytes()[16:]), "is truncated or corrupted"),
+], ids=["truncated", "corrupted"])
+def test_init_from_damaged_weights_is_the_one_line_error_sample_gives(damaged_run, new_text, tmp_path, damage,
+                                                                      message):
+    damage(checkpoint_dir(damaged_run) / "model.safetensors")
+    sample = cli("sample", "--ckpt", damaged_run, "--which", "latest")
+    assert_one_line_error(sample, message)
+    r = cli("train", "--init-from", damaged_run, *tiny_args(new_text, tmp_path / "ft", max_iters=2))
+    assert_one_line_error(r, message)
+    assert not (tmp_path / "ft").exists()
+    assert r.err.split(": error: ", 1)[1] == sample.err.split(": error: ", 1)[1]  # the same words
