@@ -112,6 +112,12 @@ def test_damaged_run_directory_is_a_one_line_error(damaged_run, case):
         assert snapshot(damaged_run) == before  # a failed resume wrote nothing
 
 
+def test_run_json_given_for_the_run_names_the_run(trained_run):
+    r = cli("sample", "--ckpt", trained_run / "run.json")
+    assert_one_line_error(r, f"{trained_run / 'run.json'} is a file, not a run directory",
+                          f"the directory that holds run.json ({trained_run})")
+
+
 def test_damaged_optimizer_and_state_refuse_resume(damaged_run):
     ckpt_dir = checkpoint_dir(damaged_run)
     (ckpt_dir / "state.json").write_text("{")

@@ -1,15 +1,25 @@
 """The command line: train, sample and eval end to end, the lecture's scripts, help text, flags,
-one-line errors in a real process, output off a terminal and progress."""
+one-line errors in a real process, output off a terminal, progress and `tinygpt runs`."""
 
 import io
 import json
 import math
+import shutil
+import time
 
 import pytest
 import torch
-from conftest import assert_one_line_error, cli, tiny_args
+from conftest import REPO, assert_one_line_error, cli, tiny_args
 
+import tinygpt
+from tinygpt.checkpoint import checkpoint_dir, load_run
 from tinygpt.progress import Progress
+from tinygpt.runs import read_metrics
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 # --- end to end ---------------------------------------------------------------------------------------
 
@@ -68,7 +78,87 @@ def test_prompt_with_unknown_characters(trained_run):
     assert r.err.splitlines()[1].startswith("using the best checkpoint: ")
 
 
+def test_num_samples_is_one_batch_of_reproducible_samples(trained_run):
+    def samples(seed):
+        r = cli("sample", "--ckpt", trained_run, "--prompt", "All:", "--max-new-tokens", 30, "--num-samples", 3,
+                "--seed", seed)
+        assert r.code == 0, r.err
+        return r.out.split("\n---------------\n")
+
+    first = samples(7)
+    assert len(first) == 3
+    assert all(s.startswith("All:") and s.endswith("\n") and len(s) == len("All:") + 30 + 1 for s in first)
+    assert len(set(first)) == 3  # three samples, not one printed three times
+    assert samples(7) == first
+    assert samples(8) != first
+
+
+def test_sample_and_eval_say_which_checkpoint_they_use(trained_run):
+    best, latest = checkpoint_dir(trained_run, "best"), checkpoint_dir(trained_run, "latest")
+    for command in (["sample", "--max-new-tokens", 3], ["eval", "--split", "val"]):
+        r = cli(*command, "--ckpt", trained_run)
+        assert r.code == 0, r.err
+        assert r.err.splitlines()[-1] == f"using the best checkpoint: {best}"  # the default
+        assert str(best) not in r.out  # stdout is the text (or the figures) alone
+        r = cli(*command, "--ckpt", trained_run, "--which", "latest")
+        assert r.code == 0, r.err
+        assert r.err.splitlines()[-1] == f"using the latest checkpoint: {latest}"
+
+
+def test_runs_lists_runs_as_a_table(trained_run, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(trained_run, root / "good")
+    shutil.copytree(trained_run, root / "broken")
+    (root / "broken" / "run.json").write_text("{")
+    (root / "notes").mkdir()  # not a run: not listed
+    r = cli("runs", root)
+    assert r.code == 0, r.err
+    header, rule, *rows = r.out.splitlines()
+    assert header == "| run | model | steps | best val loss | bits/char | date |"
+    assert [row.split(" | ")[0] for row in rows] == ["| broken", "| good"]
+    assert rows[0].startswith("| broken | damaged: ") and "run.json is garbled" in rows[0]
+
+    name, size, steps, best_loss, bpc, date = (c.strip() for c in rows[1].strip("|").split("|"))
+    model, _ = load_run(trained_run)
+    params = sum(p.numel() for p in model.parameters())
+    assert size == f"2x2x32, {params / 1e3:.0f}k"
+    best = min(read_metrics(trained_run), key=lambda m: m["val_loss"])
+    assert (steps, best_loss, bpc) == ("4", f"{best['val_loss']:.4f}", f"{best['val_bpc']:.4f}")
+    assert time.strptime(date, "%Y-%m-%d %H:%M")
+
+    assert cli("runs", tmp_path / "empty-but-there").code == 2
+    (tmp_path / "empty").mkdir()
+    assert cli("runs", tmp_path / "empty").out.startswith("no runs in ")
+
+
 # --- flags and help -------------------------------------------------------------------------------------
+
+
+def test_version():
+    r = cli("--version")
+    assert r.code == 0 and r.err == ""
+    assert r.out == f"tinygpt {tinygpt.version()}\n"
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert tinygpt.version() in (declared, "unknown")  # "unknown" when run from a source tree not installed
+
+
+@pytest.mark.parametrize("flag", ["--max-iter", "--n-lay"])
+def test_abbreviated_flags_are_refused(tiny_text_file, tmp_path, flag):
+    r = cli("train", *tiny_args(tiny_text_file, tmp_path / "run"), flag, 2)
+    assert_one_line_error(r, flag, "--help")  # not taken as --max-iters / --n-layer
+    assert not (tmp_path / "run").exists()
+
+
+# `tinygpt train --n-layers 2` says "tinygpt: error: unrecognized arguments: --n-layers 2; see
+# tinygpt --help": the subcommand hands the flag it does not know back to the top-level parser,
+# whose error() only knows --help and --version, so it finds no near flag and names the wrong help.
+@pytest.mark.xfail(strict=True, reason="src bug: unknown subcommand flags get no 'did you mean' and name "
+                   "`tinygpt --help` (cli.Parser.error runs on the top-level parser)")
+@pytest.mark.parametrize("flag, near", [("--n-layers", "--n-layer"), ("--max-iter", "--max-iters"),
+                                        ("--n-lay", "--n-layer")])
+def test_unknown_flag_suggests_the_nearest_and_the_subcommands_help(flag, near):
+    r = cli("train", flag, 2)
+    assert_one_line_error(r, f"unknown flag {flag}; did you mean {near}", "see tinygpt train --help")
 
 
 def test_help_documents_every_flag_with_default():
@@ -79,6 +169,17 @@ def test_help_documents_every_flag_with_default():
     assert "default: 5000; bigram: 3000" in r.out
     for command in ("sample", "eval"):
         assert "--ckpt" in cli(command, "--help").out
+
+
+@pytest.mark.slow
+def test_script_help_names_the_script():
+    r = cli("--help", script="gpt.py", timeout=120)
+    assert r.code == 0, r.err
+    assert r.out.startswith("usage: python gpt.py")
+    text = " ".join(r.out.split())
+    assert "(default: Tiny Shakespeare" in text and "(default: Tiny Shakespeare) (default: None)" not in text
+    for block in text.split(" --")[1:]:
+        assert block.count("(default:") <= 1, block  # each default shown once
 
 
 # --- errors ---------------------------------------------------------------------------------------------
@@ -160,3 +261,18 @@ def test_progress_plain_periodic_lines_off_a_terminal_bar_on_one():
     assert "\r" in tty.getvalue() and "| 0/4 [" in tty.getvalue()  # a tqdm bar, drawn in place
 
 
+def test_eta_honours_max_time():
+    """10 of 1000 steps took 10 s: 990 s to go at that pace, unless --max-time ends the run first
+    (counted from the run's start, here 40 s before the loop's)."""
+    steps = Progress(total=1000, quiet=True, stream=FakeStream(tty=False))
+    for _ in range(10):
+        steps.step(1.0, 1.0)
+    assert steps.eta(now=steps.started + 10) == pytest.approx(990)
+
+    capped = Progress(total=1000, quiet=True, stream=FakeStream(tty=False), max_time=60.0,
+                      started=time.perf_counter() - 40)
+    assert capped.eta(now=capped.started) == pytest.approx(20, abs=0.5)  # no step yet: what --max-time leaves
+    for _ in range(10):
+        capped.step(1.0, 1.0)
+    assert capped.eta(now=capped.started + 10) == pytest.approx(10, abs=0.5)  # 60 - 40 - 10
+    assert capped.eta(now=capped.started + 30) == 0.0  # past --max-time: nothing left, never negative

@@ -88,6 +88,7 @@ def test_help_shows_every_field_with_its_default_once(monkeypatch):
             assert shown in blocks[flag], blocks[flag]
             assert blocks[flag].count("(default:") == 1, blocks[flag]
     assert "config" in blocks and "preset" in blocks
+    assert "(default: Tiny Shakespeare" in blocks["data"] and "(default: None)" not in blocks["data"]
 
 
 def test_dropout_help_names_what_it_drops():
