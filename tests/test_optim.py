@@ -4,7 +4,8 @@ save and load of its state); the learning rate warms up linearly and decays by a
 import pytest
 import torch
 
-from tinygpt.optim import AdamW
+from tinygpt.config import TrainConfig
+from tinygpt.optim import AdamW, lr_at
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -33,3 +34,15 @@ def test_adamw_matches_torch_bit_for_bit(fused, tmp_path):
     assert a.state_dict()["param_groups"][0]["weight_decay"] == 0.1
 
 
+def test_learning_rate_warms_up_then_follows_its_schedule():
+    constant = TrainConfig(learning_rate=1e-3, warmup_iters=4, max_iters=100)
+    assert [lr_at(s, constant) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert lr_at(99, constant) == 1e-3
+
+    cosine = TrainConfig(learning_rate=1e-3, min_lr=1e-4, lr_schedule="cosine", warmup_iters=4, max_iters=104)
+    assert lr_at(3, cosine) == pytest.approx(1e-3)  # the end of warm-up is the peak
+    assert lr_at(4, cosine) == pytest.approx(1e-3)
+    assert lr_at(54, cosine) == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway down
+    assert lr_at(104, cosine) == pytest.approx(1e-4) and lr_at(500, cosine) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cosine) for s in range(4, 105)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never rises after warm-up

@@ -102,6 +102,19 @@ def test_resume_takes_unchanged_settings_from_the_run(damaged_run):
     assert sorted(losses_by_step(damaged_run)) == [0, 2, 4, 6]
 
 
+def test_resume_keeps_the_global_batch(damaged_run):
+    """--batch-size and --grad-accum may trade against each other on resume (another machine's
+    memory), never change the sequences per step: that would be another run."""
+    before = snapshot(damaged_run)
+    r = cli("train", "--resume", damaged_run, "--batch-size", 4, "--max-iters", 6)
+    assert_one_line_error(r, "--batch-size x --grad-accum must stay 8 sequences per step",
+                          "--batch-size 8 --grad-accum 1")
+    assert snapshot(damaged_run) == before
+    r = cli("train", "--resume", damaged_run, "--batch-size", 4, "--grad-accum", 2, "--max-iters", 6)
+    assert r.code == 0, r.err
+    assert sorted(losses_by_step(damaged_run)) == [0, 2, 4, 6]
+
+
 @pytest.mark.slow
 def test_resume_through_the_script(tiny_text_file, tmp_path):
     out = tmp_path / "run"
