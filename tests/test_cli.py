@@ -36,7 +36,7 @@ def test_cli_end_to_end(tiny_text_file, tmp_path):
     for f in ("run.json", "tokenizer.json", "metrics.jsonl", "latest.json", "loss.png"):
         assert (out / f).is_file()
 
-    a = cli("sample", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", 50, "--seed", 5, process=True)
+    a = cli("sample", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", 50, "--seed", 5)
     b = cli("sample", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", 50, "--seed", 5, "--no-kv-cache")
     assert a.code == 0, a.err
     assert a.out.startswith("All:") and len(a.out) == len("All:") + 50 + 1

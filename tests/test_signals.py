@@ -21,6 +21,7 @@ from tinygpt.train import Stopped
 
 train = importlib.import_module("tinygpt.train")  # the module (its hook is patched below)
 
+
 def configs(data, out, **kw):
     return tiny_configs(data, out, dropout=0.1, max_iters=8, eval_interval=3, **kw)
 
