@@ -1,12 +1,29 @@
+"""What every test file shares: the tiny model, the tiny text, one way to run the CLI, one way to
+check an error, and a finished tiny run for the tests that only read one.
+
+    TINY                    the tiny model and its training settings, written out once
+    tiny_configs(data, out) ... as (ModelConfig, TrainConfig), for `tinygpt.train.train`
+    tiny_flags(data, out)   ... as the flags dict `runs.settings_from_flags` takes
+    tiny_args(data, out)    ... as `tinygpt train` command-line arguments
+    cli(*args)              `tinygpt ARGS` in this process (or a real one): .code, .out, .err
+    assert_one_line_error   one line on stderr, no traceback, the given fragments, the status
+    trained_run             a finished tiny run (session-wide; read it, never change it)
+    damaged_run             a private copy of it that a test may break
+    losses_by_step, weights, assert_same_weights, snapshot: reading runs back
+"""
+
+import hashlib
+import io
 import os
+import shutil
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-
-from tinygpt.config import ModelConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,7 +32,41 @@ TINY_TEXT = (
     "All:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
     "All:\nResolved. resolved.\n\n"
-) * 40
+) * 40  # 34 distinct characters
+
+# A GPT small enough to train in a second or two on CPU, in float32 so that runs repeat exactly.
+# Tests override what they are about (dropout > 0 where restoring random state must matter).
+TINY = dict(
+    n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0,
+    batch_size=16, max_iters=60, eval_interval=20, eval_iters=4, learning_rate=3e-3,
+    dtype="float32", device="cpu", quiet=True, sample_chars=0, final_eval=False, plot=False,
+)
+
+
+def tiny_flags(data: Path | None = None, out: Path | None = None, **overrides) -> dict:
+    """TINY as the flags dict `tinygpt.runs.settings_from_flags` takes (paths as strings)."""
+    paths = {k: str(v) for k, v in (("data", data), ("out", out)) if v is not None}
+    return {**TINY, **paths, **overrides}
+
+
+def tiny_configs(data: Path | None = None, out: Path | None = None, **overrides):
+    """TINY as (ModelConfig, TrainConfig), what `tinygpt.train.train` takes."""
+    from tinygpt.config import ModelConfig, TrainConfig, build
+
+    values = tiny_flags(data, out, **overrides)
+    return build(ModelConfig, values), build(TrainConfig, values)
+
+
+def tiny_args(data: Path | None = None, out: Path | None = None, **overrides) -> list[str]:
+    """TINY as `tinygpt train` arguments: `--n-layer 2 ... --no-final-eval --quiet`."""
+    args = []
+    for key, value in tiny_flags(data, out, **overrides).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
 
 
 @pytest.fixture
@@ -25,25 +76,75 @@ def tiny_text_file(tmp_path) -> Path:
     return path
 
 
-def tiny_configs(data: Path, out: Path, **overrides):
-    """A GPT small enough to train in a second or two on CPU."""
-    values = dict(
-        n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0,
-        data=str(data), out=str(out), batch_size=16, max_iters=60, eval_interval=20,
-        eval_iters=4, learning_rate=3e-3, quiet=True, sample_chars=0, final_eval=False,
-        dtype="float32", device="cpu",
-    )
-    values.update(overrides)
-    from tinygpt.config import build
-
-    return build(ModelConfig, values), build(TrainConfig, values)
+# --- the command line -----------------------------------------------------------------------------
 
 
-def run_cli(*args, cwd=None, env=None, timeout=300):
-    """Run `python -m tinygpt ARGS` in a subprocess; returns CompletedProcess (text)."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "tinygpt", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=full_env, timeout=timeout)
+@dataclass
+class Result:
+    """What a `tinygpt` command did: its exit status and what it wrote."""
+
+    code: int
+    out: str
+    err: str
+
+
+def cli(*args, process: bool = False, script: str | None = None, cwd=None, env: dict | None = None,
+        timeout: float = 300) -> Result:
+    """`tinygpt ARGS`. By default in this process, through `tinygpt.cli.main` with stdout and
+    stderr captured (the CLI's own code path, without an interpreter start-up); with
+    `process=True` in a real `python -m tinygpt` process, for what only a process shows (exit
+    status from the interpreter, no traceback from anywhere, imports); `script="gpt.py"` runs
+    `python gpt.py ARGS` from the repository instead."""
+    args = [str(a) for a in args]
+    if process or script:
+        command = [str(REPO / script)] if script else ["-m", "tinygpt"]
+        r = subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, cwd=cwd,
+                           env={**os.environ, **(env or {})}, timeout=timeout)
+        return Result(r.returncode, r.stdout, r.stderr)
+    assert cwd is None and env is None, "cwd and env need process=True"
+    from tinygpt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as e:  # argparse: --help, and its one-line errors
+            code = e.code
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def assert_one_line_error(result: Result, *fragments: str, status: int = 2) -> None:
+    """The command failed with `status`, saying so in exactly one line on stderr that holds
+    every fragment, and no traceback."""
+    assert result.code == status, result.err
+    assert result.err.count("\n") == 1 and result.err.endswith("\n"), result.err  # exactly one line
+    assert "Traceback" not in result.err, result.err
+    for fragment in fragments:
+        assert fragment in result.err, f"{fragment!r} not in {result.err!r}"
+
+
+# --- runs -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One finished tiny run, shared by every test that only reads a run (copy it to change it:
+    `damaged_run`). 4 steps with dropout, reports at 0, 2 and 4, the whole val split scored."""
+    from tinygpt.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    data = tmp / "tiny.txt"
+    data.write_text(TINY_TEXT, encoding="utf-8")
+    torch.manual_seed(0)
+    model_cfg, train_cfg = tiny_configs(data, tmp / "run", max_iters=4, eval_interval=2, batch_size=8,
+                                        eval_iters=2, dropout=0.1, final_eval=True)
+    return train(model_cfg, train_cfg, log=lambda *_: None).run_dir
+
+
+@pytest.fixture
+def damaged_run(trained_run, tmp_path) -> Path:
+    """A private copy of `trained_run` that a test may break."""
+    return Path(shutil.copytree(trained_run, tmp_path / "copy"))
 
 
 def shakespeare_path() -> Path | None:
@@ -51,6 +152,53 @@ def shakespeare_path() -> Path | None:
 
     path = data_dir() / SHAKESPEARE_RELPATH
     return path if path.is_file() else None
+
+
+def losses_by_step(run: Path) -> dict[int, tuple[float, float]]:
+    """{step: (train loss, val loss)} of a run's loss reports."""
+    from tinygpt.runs import read_metrics
+
+    return {r["step"]: (r["train_loss"], r["val_loss"]) for r in read_metrics(run)}
+
+
+def weights(run: Path, which: str = "latest") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from tinygpt.checkpoint import checkpoint_dir
+
+    return load_file(str(checkpoint_dir(run, which) / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The latest checkpoints of runs `a` and `b` hold the same weights and optimizer state, bit for bit."""
+    from tinygpt.checkpoint import checkpoint_dir
+
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    oa, ob = (torch.load(checkpoint_dir(r) / "optimizer.pt", weights_only=True) for r in (a, b))
+    assert oa["state"].keys() == ob["state"].keys()
+    for pid, sa in oa["state"].items():
+        for key, t in sa.items():
+            assert torch.equal(t, ob["state"][pid][key]), (pid, key)
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path` (or of `path` itself): to show that nothing was written."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious optimizer.pt or pytorch_model.bin
+    would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 @pytest.fixture(autouse=True)

@@ -1,68 +1,278 @@
+"""The command line: train, sample and eval end to end, the lecture's scripts, help text, flags,
+one-line errors in a real process, output off a terminal, progress and `tinygpt runs`."""
+
+import io
 import json
+import math
+import shutil
+import time
 
-from conftest import REPO, run_cli
+import pytest
+import torch
+from conftest import REPO, assert_one_line_error, cli, tiny_args
+
+import tinygpt
+from tinygpt.checkpoint import checkpoint_dir, load_run
+from tinygpt.progress import Progress
+from tinygpt.runs import read_metrics
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+# --- end to end ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tiny_text_file, tmp_path):
     out = tmp_path / "run"
-    r = run_cli("train", "--data", tiny_text_file, "--out", out, "--n-layer", 1, "--n-head", 2, "--n-embd", 16,
-                "--block-size", 16, "--batch-size", 8, "--max-iters", 30, "--eval-interval", 10,
-                "--eval-iters", 2, "--sample-chars", 40, "--dtype", "float32")
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    r = cli("train", *tiny_args(tiny_text_file, out, max_iters=30, eval_interval=10, sample_chars=40, quiet=False,
+                                final_eval=True, plot=True), process=True)
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
     assert [ln.split(":")[0] for ln in lines if ln.startswith("step ")] == [f"step {s}" for s in (0, 10, 20, 30)]
-    assert "val loss over the whole val split" in r.stdout
-    for f in ("run.json", "tokenizer.json", "metrics.jsonl", "latest.json"):
+    assert "val loss over the whole val split" in r.out
+    for f in ("run.json", "tokenizer.json", "metrics.jsonl", "latest.json", "loss.png"):
         assert (out / f).is_file()
 
-    a = run_cli("sample", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", 50, "--seed", 5)
-    b = run_cli("sample", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", 50, "--seed", 5, "--no-kv-cache")
-    assert a.returncode == 0, a.stderr
-    assert a.stdout.startswith("All:") and len(a.stdout) == len("All:") + 50 + 1
-    assert a.stdout == b.stdout
+    a = cli("sample", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", 50, "--seed", 5)
+    b = cli("sample", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", 50, "--seed", 5, "--no-kv-cache")
+    assert a.code == 0, a.err
+    assert a.out.startswith("All:") and len(a.out) == len("All:") + 50 + 1
+    assert a.out == b.out
 
-    e = run_cli("eval", "--ckpt", out, "--json")
-    assert e.returncode == 0, e.stderr
-    figures = json.loads(e.stdout)
-    assert figures["val"]["tokens"] == len(tiny_text_file.read_text()) - int(0.9 * len(tiny_text_file.read_text())) - 1
-    assert abs(figures["val"]["bits_per_char"] * 0.6931471805599453 - figures["val"]["loss"]) < 1e-9
-
-
-def test_unknown_prompt_character_is_one_line_error(tiny_text_file, tmp_path):
-    out = tmp_path / "run"
-    r = run_cli("train", "--model", "bigram", "--data", tiny_text_file, "--out", out, "--max-iters", 5,
-                "--sample-chars", 0, "--eval-iters", 1)
-    assert r.returncode == 0, r.stderr
-    r = run_cli("sample", "--ckpt", out, "--prompt", "Speak€ø")
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0
-    assert "'€', 'ø'" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("sample", "--ckpt", out, "--prompt", "Speak€", "--drop-unknown", "--max-new-tokens", 5)
-    assert r.returncode == 0 and r.stdout.startswith("Speak")
+    e = cli("eval", "--ckpt", out, "--json")
+    assert e.code == 0, e.err
+    figures = json.loads(e.out)
+    text = tiny_text_file.read_text()
+    assert figures["val"]["tokens"] == len(text) - int(0.9 * len(text)) - 1
+    assert abs(figures["val"]["bits_per_char"] * math.log(2) - figures["val"]["loss"]) < 1e-9
 
 
-def test_help_documents_every_flag_with_default():
-    r = run_cli("train", "--help")
-    assert r.returncode == 0
-    for flag in ("--max-iters", "--n-embd", "--learning-rate", "--dtype", "--preset", "--resume", "--data"):
-        assert flag in r.stdout
-    assert "default: 5000; bigram: 3000" in r.stdout
-    for cmd in ("sample", "eval"):
-        assert "--ckpt" in run_cli(cmd, "--help").stdout
-
-
+@pytest.mark.slow
 def test_scripts_are_thin_entry_points(tiny_text_file, tmp_path):
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [sys.executable, str(REPO / "bigram.py"), "--data", str(tiny_text_file), "--out", str(tmp_path / "b"),
-         "--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2"], capture_output=True, text=True,
-        timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "step 20: train loss" in r.stdout
+    r = cli("--data", tiny_text_file, "--out", tmp_path / "b", "--max-iters", 20, "--eval-interval", 10,
+            "--eval-iters", 2, "--no-plot", script="bigram.py", timeout=120)
+    assert r.code == 0, r.err
+    assert "step 20: train loss" in r.out
     run = json.loads((tmp_path / "b" / "run.json").read_text())
     assert run["model"]["model"] == "bigram" and run["model"]["block_size"] == 8
     assert run["train"]["batch_size"] == 32 and run["train"]["learning_rate"] == 0.01
-    text = r.stdout.split("bits/char")[-1]
+    text = r.out.split("bits/char")[-1]
     assert len(text.strip("\n")) >= 400  # 500 generated characters printed at the end
+
+
+# --- sample and eval -----------------------------------------------------------------------------------
+
+
+def test_prompt_with_unknown_characters(trained_run):
+    r = cli("sample", "--ckpt", trained_run, "--prompt", "Speak€, speakø€")
+    assert_one_line_error(r, "2 character(s) the tokenizer does not know: '€', 'ø'", "--drop-unknown")
+    assert r.out == ""
+    r = cli("sample", "--ckpt", trained_run, "--prompt", "Speak€, speakø€", "--drop-unknown",
+            "--max-new-tokens", 5)
+    assert r.code == 0, r.err
+    assert r.out.startswith("Speak, speak") and len(r.out) == len("Speak, speak") + 5 + 1
+    assert r.err.splitlines()[0] == "dropped unknown character(s) from the prompt: '€', 'ø'"
+    assert r.err.splitlines()[1].startswith("using the best checkpoint: ")
+
+
+def test_num_samples_is_one_batch_of_reproducible_samples(trained_run):
+    def samples(seed):
+        r = cli("sample", "--ckpt", trained_run, "--prompt", "All:", "--max-new-tokens", 30, "--num-samples", 3,
+                "--seed", seed)
+        assert r.code == 0, r.err
+        return r.out.split("\n---------------\n")
+
+    first = samples(7)
+    assert len(first) == 3
+    assert all(s.startswith("All:") and s.endswith("\n") and len(s) == len("All:") + 30 + 1 for s in first)
+    assert len(set(first)) == 3  # three samples, not one printed three times
+    assert samples(7) == first
+    assert samples(8) != first
+
+
+def test_sample_and_eval_say_which_checkpoint_they_use(trained_run):
+    best, latest = checkpoint_dir(trained_run, "best"), checkpoint_dir(trained_run, "latest")
+    for command in (["sample", "--max-new-tokens", 3], ["eval", "--split", "val"]):
+        r = cli(*command, "--ckpt", trained_run)
+        assert r.code == 0, r.err
+        assert r.err.splitlines()[-1] == f"using the best checkpoint: {best}"  # the default
+        assert str(best) not in r.out  # stdout is the text (or the figures) alone
+        r = cli(*command, "--ckpt", trained_run, "--which", "latest")
+        assert r.code == 0, r.err
+        assert r.err.splitlines()[-1] == f"using the latest checkpoint: {latest}"
+
+
+def test_runs_lists_runs_as_a_table(trained_run, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(trained_run, root / "good")
+    shutil.copytree(trained_run, root / "broken")
+    (root / "broken" / "run.json").write_text("{")
+    (root / "notes").mkdir()  # not a run: not listed
+    r = cli("runs", root)
+    assert r.code == 0, r.err
+    header, rule, *rows = r.out.splitlines()
+    assert header == "| run | model | steps | best val loss | bits/char | date |"
+    assert [row.split(" | ")[0] for row in rows] == ["| broken", "| good"]
+    assert rows[0].startswith("| broken | damaged: ") and "run.json is garbled" in rows[0]
+
+    name, size, steps, best_loss, bpc, date = (c.strip() for c in rows[1].strip("|").split("|"))
+    model, _ = load_run(trained_run)
+    params = sum(p.numel() for p in model.parameters())
+    assert size == f"2x2x32, {params / 1e3:.0f}k"
+    best = min(read_metrics(trained_run), key=lambda m: m["val_loss"])
+    assert (steps, best_loss, bpc) == ("4", f"{best['val_loss']:.4f}", f"{best['val_bpc']:.4f}")
+    assert time.strptime(date, "%Y-%m-%d %H:%M")
+
+    assert cli("runs", tmp_path / "empty-but-there").code == 2
+    (tmp_path / "empty").mkdir()
+    assert cli("runs", tmp_path / "empty").out.startswith("no runs in ")
+
+
+# --- flags and help -------------------------------------------------------------------------------------
+
+
+def test_version():
+    r = cli("--version")
+    assert r.code == 0 and r.err == ""
+    assert r.out == f"tinygpt {tinygpt.version()}\n"
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert tinygpt.version() in (declared, "unknown")  # "unknown" when run from a source tree not installed
+
+
+@pytest.mark.parametrize("flag", ["--max-iter", "--n-lay"])
+def test_abbreviated_flags_are_refused(tiny_text_file, tmp_path, flag):
+    r = cli("train", *tiny_args(tiny_text_file, tmp_path / "run"), flag, 2)
+    assert_one_line_error(r, flag, "--help")  # not taken as --max-iters / --n-layer
+    assert not (tmp_path / "run").exists()
+
+
+# `tinygpt train --n-layers 2` says "tinygpt: error: unrecognized arguments: --n-layers 2; see
+# tinygpt --help": the subcommand hands the flag it does not know back to the top-level parser,
+# whose error() only knows --help and --version, so it finds no near flag and names the wrong help.
+@pytest.mark.xfail(strict=True, reason="src bug: unknown subcommand flags get no 'did you mean' and name "
+                   "`tinygpt --help` (cli.Parser.error runs on the top-level parser)")
+@pytest.mark.parametrize("flag, near", [("--n-layers", "--n-layer"), ("--max-iter", "--max-iters"),
+                                        ("--n-lay", "--n-layer")])
+def test_unknown_flag_suggests_the_nearest_and_the_subcommands_help(flag, near):
+    r = cli("train", flag, 2)
+    assert_one_line_error(r, f"unknown flag {flag}; did you mean {near}", "see tinygpt train --help")
+
+
+def test_help_documents_every_flag_with_default():
+    r = cli("train", "--help")
+    assert r.code == 0
+    for flag in ("--max-iters", "--n-embd", "--learning-rate", "--dtype", "--preset", "--resume", "--data"):
+        assert flag in r.out
+    assert "default: 5000; bigram: 3000" in r.out
+    for command in ("sample", "eval"):
+        assert "--ckpt" in cli(command, "--help").out
+
+
+@pytest.mark.slow
+def test_script_help_names_the_script():
+    r = cli("--help", script="gpt.py", timeout=120)
+    assert r.code == 0, r.err
+    assert r.out.startswith("usage: python gpt.py")
+    text = " ".join(r.out.split())
+    assert "(default: Tiny Shakespeare" in text and "(default: Tiny Shakespeare) (default: None)" not in text
+    for block in text.split(" --")[1:]:
+        assert block.count("(default:") <= 1, block  # each default shown once
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_gpu(tiny_text_file, trained_run, tmp_path):
+    message = "--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto"
+    r = cli("train", *tiny_args(tiny_text_file, tmp_path / "run", max_iters=2), "--device", "cuda")
+    assert_one_line_error(r, message)
+    assert not (tmp_path / "run").exists()
+    assert_one_line_error(cli("sample", "--ckpt", trained_run, "--device", "cuda"), message)
+
+
+@pytest.mark.slow
+def test_errors_are_one_line_without_traceback_in_a_real_process(tmp_path):
+    """The in-process tests see what main() writes; this checks a real process exits 2 with no
+    traceback from anywhere (imports, argparse, torch)."""
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("Caf\xe9\n".encode("latin-1") * 50)
+    r = cli("train", "--data", bad, "--out", tmp_path / "run", process=True, timeout=120)
+    assert r.code == 2 and r.out == ""
+    assert r.err == (f"tinygpt train: error: data file {bad} is not valid UTF-8 (byte 3); "
+                     "convert it, e.g. with iconv -t UTF-8\n")
+    r = cli("sample", "--ckpt", tmp_path / "nowhere", "--top-p", "0.9", process=True, timeout=120)
+    assert r.code == 2
+    assert r.err == (f"tinygpt sample: error: run directory {tmp_path / 'nowhere'} does not exist; "
+                     "give the --out of a `tinygpt train` run\n")
+
+
+# --- output and progress ----------------------------------------------------------------------------------
+
+
+def test_cli_output_off_a_terminal_has_no_control_characters(tiny_text_file, tmp_path):
+    r = cli("train", *tiny_args(tiny_text_file, tmp_path / "a", max_iters=10, eval_interval=5, quiet=False))
+    assert r.code == 0, r.err
+    assert "\r" not in r.out + r.err and "\x1b" not in r.out + r.err
+    q = cli("train", *tiny_args(tiny_text_file, tmp_path / "q", max_iters=10, eval_interval=5, final_eval=True))
+    assert q.code == 0, q.err
+    lines = q.out.splitlines()
+    assert [ln.split(":")[0] for ln in lines[:-1]] == ["step 0", "step 5", "step 10"]
+    assert lines[-1].startswith("val loss over the whole val split") and q.err == ""
+
+
+class FakeStream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_plain_periodic_lines_off_a_terminal_bar_on_one():
+    logged = []
+    plain = Progress(total=4, log=logged.append, interval_s=0.0, stream=FakeStream(tty=False))
+    plain.report("step 0: train loss 4.0000, val loss 4.0000")
+    for loss in (3.0, 2.5, 2.0, 1.5):
+        plain.step(loss, 1234.0)
+    plain.close()
+    assert logged[0] == "step 0: train loss 4.0000, val loss 4.0000"
+    assert [ln.split()[:4] for ln in logged[1:]] == [["step", f"{i}/4", "loss", f"{x:.4f}"]
+                                                     for i, x in zip(range(1, 5), (3.0, 2.5, 2.0, 1.5))]
+    assert all("1,234 tok/s" in ln and "eta" in ln for ln in logged[1:])
+    assert not any("\r" in ln or "\x1b" in ln for ln in logged)
+
+    quiet_log = []
+    quiet = Progress(total=4, quiet=True, log=quiet_log.append, interval_s=0.0, stream=FakeStream(tty=True))
+    quiet.report("step 0: report")
+    for _ in range(4):
+        quiet.step(1.0, 10.0)
+    quiet.close()
+    assert quiet_log == ["step 0: report"]
+
+    tty = FakeStream(tty=True)
+    bar = Progress(total=4, log=logged.append, interval_s=0.0, stream=tty)
+    bar.step(1.0, 10.0)
+    bar.close()
+    assert "\r" in tty.getvalue() and "| 0/4 [" in tty.getvalue()  # a tqdm bar, drawn in place
+
+
+def test_eta_honours_max_time():
+    """10 of 1000 steps took 10 s: 990 s to go at that pace, unless --max-time ends the run first
+    (counted from the run's start, here 40 s before the loop's)."""
+    steps = Progress(total=1000, quiet=True, stream=FakeStream(tty=False))
+    for _ in range(10):
+        steps.step(1.0, 1.0)
+    assert steps.eta(now=steps.started + 10) == pytest.approx(990)
+
+    capped = Progress(total=1000, quiet=True, stream=FakeStream(tty=False), max_time=60.0,
+                      started=time.perf_counter() - 40)
+    assert capped.eta(now=capped.started) == pytest.approx(20, abs=0.5)  # no step yet: what --max-time leaves
+    for _ in range(10):
+        capped.step(1.0, 1.0)
+    assert capped.eta(now=capped.started + 10) == pytest.approx(10, abs=0.5)  # 60 - 40 - 10
+    assert capped.eta(now=capped.started + 30) == 0.0  # past --max-time: nothing left, never negative

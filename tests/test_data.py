@@ -1,12 +1,18 @@
+"""The text: finding and downloading the corpus, reading it exactly (bad files refused in one
+line), the 90/10 split, and batches that are the same for any split of the work."""
+
 import hashlib
 import http.server
+import json
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TEXT, assert_one_line_error, cli, tiny_args, tiny_configs
 
 from tinygpt import data
+from tinygpt.checkpoint import load_run
 from tinygpt.errors import UserError
 
 BODY = b"a small corpus served over HTTP\n" * 100
@@ -99,3 +105,53 @@ def test_batch_sampler_same_global_batch_for_any_split_of_work():
         assert torch.equal(a, b)
         x, y = micro[0]
         assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+# --- reading the text exactly ----------------------------------------------------------------------
+
+DATA = {
+    "missing": (None, "does not exist; give a UTF-8 text file with --data PATH"),
+    "a directory": ("dir", "is a directory; give a text file inside it"),
+    "empty": (b"", "is empty; give a file with text in it"),
+    "shorter than 2 x (block_size + 1)": (b"To be, or not to be", "has 19 characters, too few"),
+    "a split shorter than block_size + 1": (b"To be, or not to be, that is the question:\n",
+                                            "too short: its smaller split has 5 tokens, fewer than "
+                                            "block_size + 1 = 17"),
+    "not UTF-8": ("Caf\xe9 au lait\n".encode("latin-1") * 20, "is not valid UTF-8 (byte 3); convert it"),
+}
+
+
+@pytest.mark.parametrize("case", DATA)
+def test_bad_data_file(tmp_path, case):
+    content, message = DATA[case]
+    path = tmp_path / "data.txt"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    r = cli("train", *tiny_args(path, tmp_path / "run", max_iters=2))
+    assert_one_line_error(r, "tinygpt train: error: data", message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_crlf_corpus_is_read_exactly(tmp_path):
+    """A file's bytes are the user's data: "\r\n" stays two characters, in training, in the
+    run's tokenizer and in eval (no newline translation anywhere)."""
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(TINY_TEXT.replace("\n", "\r\n").encode("utf-8"))
+    text = path.read_bytes().decode("utf-8")
+    assert data.read_text(path) == text
+
+    from tinygpt.train import train
+
+    m, t = tiny_configs(path, tmp_path / "run", max_iters=2, eval_interval=2, final_eval=True)
+    result = train(m, t, log=lambda *_: None)
+    _, tok = load_run(result.run_dir)
+    assert "\r" in tok.chars and "\n" in tok.chars
+    assert tok.decode(tok.encode(text)) == text  # the file encodes with the run's own tokenizer
+
+    val_chars = len(text) - int(0.9 * len(text)) - 1  # the last 10%, each character predicted once
+    assert result.final["tokens"] == val_chars
+    r = cli("eval", "--ckpt", result.run_dir, "--json", "--split", "val")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["val"]["tokens"] == val_chars

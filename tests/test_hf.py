@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TEXT, shakespeare_path, tiny_configs
+from conftest import TINY_TEXT, RunsCode, assert_one_line_error, cli, shakespeare_path, tiny_configs
 from safetensors.torch import load_file
-from test_ecosystem import one_line_error, run_cli
-from test_reliability import RunsCode
 
 from tinygpt.checkpoint import load_run
 from tinygpt.data import split
@@ -55,8 +53,8 @@ def runs(text_file, tmp_path_factory) -> dict[str, Path]:
 
 
 def export(run: Path, out: Path) -> Path:
-    r = run_cli("export", run, "--to", "hf", "--out", out)
-    assert r.returncode == 0, r.stderr
+    r = cli("export", run, "--to", "hf", "--out", out)
+    assert r.code == 0, r.err
     return out
 
 
@@ -136,10 +134,10 @@ def test_greedy_generate_equals_tinygpt_sample_at_temperature_0(name, runs, tmp_
     ids = hf_tok(prompt, return_tensors="pt").input_ids
     new = 16 - ids.shape[1]  # prompt + new tokens fill the block exactly
     generated = theirs.generate(ids, max_new_tokens=new, do_sample=False)
-    r = run_cli("sample", "--ckpt", run, "--prompt", prompt, "--max-new-tokens", new, "--temperature", 0,
+    r = cli("sample", "--ckpt", run, "--prompt", prompt, "--max-new-tokens", new, "--temperature", 0,
                 "--dtype", "float32", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == hf_tok.decode(generated[0]) + "\n"
+    assert r.code == 0, r.err
+    assert r.out == hf_tok.decode(generated[0]) + "\n"
 
 
 def test_export_refusals_are_one_line_and_write_nothing(text_file, tmp_path):
@@ -155,18 +153,18 @@ def test_export_refusals_are_one_line_and_write_nothing(text_file, tmp_path):
          ["cannot be folded", "vocab 280 > n_embd 32", "--no-head-bias"]),
     ]
     for run, fragments in cases:
-        one_line_error(run_cli("export", run, "--to", "hf", "--out", tmp_path / "hf"), *fragments)
+        assert_one_line_error(cli("export", run, "--to", "hf", "--out", tmp_path / "hf"), *fragments)
         assert not (tmp_path / "hf").exists()
 
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
     good = run_of("good", head_bias=False)
-    one_line_error(run_cli("export", good, "--out", taken), "not empty")
+    assert_one_line_error(cli("export", good, "--out", taken), "not empty")
     assert [p.name for p in taken.iterdir()] == ["notes.txt"] and (taken / "notes.txt").read_text() == "mine"
     (taken / "notes.txt").unlink()
     export(good, taken)  # an empty directory is fine
-    one_line_error(run_cli("export", tmp_path / "nowhere", "--out", tmp_path / "x"), "does not exist")
+    assert_one_line_error(cli("export", tmp_path / "nowhere", "--out", tmp_path / "x"), "does not exist")
 
 
 def test_exported_char_model_imports_back_with_its_char_tokenizer(runs, tmp_path):
@@ -255,14 +253,15 @@ def test_import_reads_pytorch_bin_and_vocab_merges(gpt2_dir, tmp_path):
     assert tok.encode(text) == ref_tok.encode(text)
 
 
+@pytest.mark.slow
 def test_fine_tune_gpt2_then_export_and_load_again(gpt2_dir, text_file, tmp_path):
     data = shakespeare_path() or text_file
     run = tmp_path / "ft"
     common = ["--dtype", "float32", "--device", "cpu", "--sample-chars", 0, "--no-plot", "--quiet"]
-    r = run_cli("train", "--init-from", f"hf:{gpt2_dir}", "--data", data, "--out", run, "--max-iters", 20,
+    r = cli("train", "--init-from", f"hf:{gpt2_dir}", "--data", data, "--out", run, "--max-iters", 20,
                 "--eval-interval", 20, "--eval-iters", 4, "--batch-size", 8, "--block-size", 16,
                 "--learning-rate", 1e-3, "--dropout", 0, "--no-final-eval", *common)
-    assert r.returncode == 0, r.stderr
+    assert r.code == 0, r.err
     reports = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in reports] == [0, 20]
     assert reports[1]["train_loss"] < reports[0]["train_loss"] and reports[1]["val_loss"] < reports[0]["val_loss"]
@@ -271,10 +270,10 @@ def test_fine_tune_gpt2_then_export_and_load_again(gpt2_dir, text_file, tmp_path
     assert meta["model"]["block_size"] == 16 and meta["model"]["attn_bias"] and not meta["model"]["head_bias"]
 
     # A normal run: eval, sample and resume work on it.
-    assert run_cli("eval", "--ckpt", run, "--split", "val", *common[:4]).returncode == 0
-    assert run_cli("sample", "--ckpt", run, "--max-new-tokens", 5, *common[:4]).returncode == 0
-    r = run_cli("train", "--resume", run, "--max-iters", 22, *common[4:])
-    assert r.returncode == 0, r.stderr
+    assert cli("eval", "--ckpt", run, "--split", "val", *common[:4]).code == 0
+    assert cli("sample", "--ckpt", run, "--max-new-tokens", 5, *common[:4]).code == 0
+    r = cli("train", "--resume", run, "--max-iters", 22, *common[4:])
+    assert r.code == 0, r.err
 
     out = export(run, tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["n_positions"] == 16
@@ -296,24 +295,26 @@ def test_import_errors_are_one_line(gpt2_dir, text_file, tmp_path):
         return d
 
     def init_from(directory, *flags):
-        return run_cli("train", "--init-from", f"hf:{directory}", "--data", text_file, "--out", tmp_path / "run",
+        return cli("train", "--init-from", f"hf:{directory}", "--data", text_file, "--out", tmp_path / "run",
                        "--max-iters", 0, "--device", "cpu", *flags)
 
-    one_line_error(init_from(tmp_path / "nowhere"), "no such directory")
-    one_line_error(init_from(copy("no-config", drop=("config.json",))), "no config.json")
-    one_line_error(init_from(copy("llama", {"model_type": "llama"})), "'llama'", "GPT-2-family")
-    one_line_error(init_from(copy("no-tokenizer", drop=("tokenizer.json",))), "no tokenizer")
-    one_line_error(init_from(copy("no-weights", drop=("model.safetensors",))), "no weights")
-    one_line_error(init_from(copy("wider", {"n_embd": 64})), "wte.weight has shape (300, 32)", "implies (300, 64)")
-    one_line_error(init_from(copy("inner", {"n_inner": 96})), "n_inner=96")
-    one_line_error(init_from(copy("silu", {"activation_function": "silu"})), "activation_function='silu'")
-    one_line_error(init_from(copy("typo", {"n_embd": "32"})), "n_embd must be int")
-    one_line_error(init_from(gpt2_dir, "--block-size", 64), "--block-size 64", "n_positions (32)")
+    assert_one_line_error(init_from(tmp_path / "nowhere"), "no such directory")
+    assert_one_line_error(init_from(copy("no-config", drop=("config.json",))), "no config.json")
+    assert_one_line_error(init_from(copy("llama", {"model_type": "llama"})), "'llama'", "GPT-2-family")
+    assert_one_line_error(init_from(copy("no-tokenizer", drop=("tokenizer.json",))), "no tokenizer")
+    assert_one_line_error(init_from(copy("no-weights", drop=("model.safetensors",))), "no weights")
+    assert_one_line_error(init_from(copy("wider", {"n_embd": 64})), "wte.weight has shape (300, 32)",
+                          "implies (300, 64)")
+    assert_one_line_error(init_from(copy("inner", {"n_inner": 96})), "n_inner=96")
+    assert_one_line_error(init_from(copy("silu", {"activation_function": "silu"})),
+                          "activation_function='silu'")
+    assert_one_line_error(init_from(copy("typo", {"n_embd": "32"})), "n_embd must be int")
+    assert_one_line_error(init_from(gpt2_dir, "--block-size", 64), "--block-size 64", "n_positions (32)")
 
     evil = copy("evil", drop=("model.safetensors",))
     marker = tmp_path / "code-ran"
     torch.save({"wte.weight": RunsCode(marker)}, evil / "pytorch_model.bin")
-    one_line_error(init_from(evil), "pytorch_model.bin is unreadable or unsafe", "not loaded")
+    assert_one_line_error(init_from(evil), "pytorch_model.bin is unreadable or unsafe", "not loaded")
     assert not marker.exists()
-    one_line_error(init_from(gpt2_dir, "--n-layer", 3), "--n-layer 3 conflicts")
+    assert_one_line_error(init_from(gpt2_dir, "--n-layer", 3), "--n-layer 3 conflicts")
     assert not (tmp_path / "run").exists()

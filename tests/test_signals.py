@@ -4,30 +4,22 @@ the final evaluation), and the run resumes as if never stopped."""
 import importlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
-from conftest import TINY_TEXT, tiny_configs
-from safetensors.torch import load_file
+from conftest import TINY_TEXT, cli, losses_by_step, tiny_args, tiny_configs, weights
 
 from tinygpt import progress
-from tinygpt.checkpoint import checkpoint_dir, load_run
-from tinygpt.runs import read_metrics
+from tinygpt.checkpoint import load_run
 from tinygpt.train import Stopped
 
 train = importlib.import_module("tinygpt.train")  # the module (its hook is patched below)
-
-
-def reports(run):
-    return {r["step"]: (r["train_loss"], r["val_loss"]) for r in read_metrics(run)}
-
-
-def weights(run):
-    return load_file(str(checkpoint_dir(run) / "model.safetensors"))
 
 
 def configs(data, out, **kw):
@@ -74,7 +66,7 @@ def test_stop_inside_a_phase_resumes_exactly(monkeypatch, tiny_text_file, tmp_pa
     monkeypatch.undo()
     m, t = configs(tiny_text_file, tmp_path / "b", resume=str(tmp_path / "b"))
     train.train(m, t, log=lambda *_: None)
-    assert reports(tmp_path / "b") == reports(tmp_path / "a")
+    assert losses_by_step(tmp_path / "b") == losses_by_step(tmp_path / "a")
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -118,6 +110,7 @@ SLOW_STEP = ["--n-layer", 2, "--n-head", 2, "--n-embd", 128, "--block-size", 64,
              "--sample-chars", 0, "--no-final-eval", "--no-plot"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_long_step_stops_within_seconds(tmp_path):
     data = tmp_path / "tiny.txt"
     data.write_text(TINY_TEXT * 4, encoding="utf-8")
@@ -137,6 +130,7 @@ def test_ctrl_c_in_a_long_step_stops_within_seconds(tmp_path):
     load_run(out)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once(tmp_path):
     data = tmp_path / "tiny.txt"
     data.write_text(TINY_TEXT * 4, encoding="utf-8")
@@ -150,3 +144,61 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     assert "Traceback" not in stderr
     assert json.loads((out / "latest.json").read_text())["step"] == 0
     load_run(out)  # whatever moment the second signal hit, the run loads
+
+
+class Training:
+    """`python -m tinygpt train ARGS` in a subprocess whose output lines we can wait for."""
+
+    def __init__(self, *args):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "train", *map(str, args)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout, self.lines), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr, None), daemon=True).start()
+
+    @staticmethod
+    def _read(stream, into, lines):
+        for line in stream:
+            into.append(line)
+            if lines is not None:
+                lines.put(line)
+        if lines is not None:
+            lines.put(None)
+
+    def wait_for(self, prefix: str = "", timeout: float = 60) -> str | None:
+        """The first output line starting with `prefix`; None if the process ended first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if line is None or line.startswith(prefix):
+                return line
+
+    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
+        code = self.proc.wait(timeout)
+        time.sleep(0.05)  # let the reader threads drain the pipes
+        return code, "".join(self.stdout), "".join(self.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_and_stops(tiny_text_file, tmp_path, sig, status):
+    out = tmp_path / "run"
+    run = Training(*tiny_args(tiny_text_file, out, dropout=0.1, batch_size=8, eval_iters=2, max_iters=10**6,
+                              eval_interval=50))
+    assert run.wait_for("step 0:") is not None, run.finish()
+    time.sleep(0.2)
+    run.proc.send_signal(sig)
+    code, stdout, stderr = run.finish()
+    assert code == status, stderr
+    assert "Traceback" not in stderr
+    last = stdout.splitlines()[-1]
+    step = int(last.split()[3].rstrip(";"))
+    assert last == f"stopped at step {step}; checkpoint saved in {out}. Resume with: tinygpt train --resume {out}"
+    assert json.loads((out / "latest.json").read_text()) == {"checkpoint": f"checkpoints/step_{step:06d}",
+                                                               "step": step}
+    r = cli("train", "--resume", out, "--max-iters", step + 2)
+    assert r.code == 0, r.err
+    assert f"resuming {out} at step {step}" in r.out and f"step {step + 2}: train loss" in r.out

@@ -1,9 +1,20 @@
+"""Tokenizers: characters and byte-level BPE round-trip any text, keep their ids through JSON and
+growth, name unknown characters, and a BPE run reports bits per character end to end."""
+
+import json
+import math
+
 import pytest
+from conftest import TINY_TEXT, cli, tiny_configs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tinygpt.checkpoint import load_run
+from tinygpt.data import split
 from tinygpt.errors import UserError
-from tinygpt.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_json
+from tinygpt.runs import read_metrics
+from tinygpt.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer, tokenizer_from_json
+from tinygpt.train import train
 
 
 def test_char_round_trip_and_sorted_vocab():
@@ -61,3 +72,35 @@ def test_bpe_round_trip_and_compression():
     assert len(tok.encode("To be, or not to be, that is the question:\n")) < 20  # merges learned
     again = tokenizer_from_json(tok.to_json())
     assert again.encode(sample) == ids
+
+
+def test_bpe_train_sample_eval_report_bits_per_char(tiny_text_file, tmp_path):
+    out = tmp_path / "bpe"
+    m, t = tiny_configs(tiny_text_file, out, tokenizer="bpe", vocab_size=300, max_iters=30, eval_interval=15,
+                        final_eval=True)
+    result = train(m, t, log=lambda *_: None)
+    tok = load_tokenizer(out / "tokenizer.json")
+    assert tok.kind == "bpe" and tok.vocab_size <= 300
+    val_text = split(TINY_TEXT)[1]
+    val_ids = tok.encode(val_text)
+    assert len(val_ids) < len(val_text) / 2  # BPE merges: fewer tokens than characters
+    chars_per_token = (len(val_text) - 1) / (len(val_ids) - 1)
+    rows = read_metrics(out, reports_only=False)
+    for row in rows[:-1]:
+        assert row["val_bpc"] == pytest.approx(row["val_loss"] / chars_per_token / math.log(2), rel=1e-12)
+    assert rows[-1]["final_val_bpc"] == pytest.approx(result.final["bits_per_char"])
+
+    e = cli("eval", "--ckpt", out, "--json", "--split", "val", "--dtype", "float32")
+    assert e.code == 0, e.err
+    val = json.loads(e.out)["val"]
+    assert val["tokens"] == len(val_ids) - 1 and val["chars"] == len(val_text) - 1
+    assert val["bits_per_char"] == pytest.approx(val["loss"] * val["tokens"] / val["chars"] / math.log(2))
+    assert val["bits_per_char"] == pytest.approx(result.final["bits_per_char"], rel=1e-5)
+    text = cli("eval", "--ckpt", out, "--split", "val").out
+    assert "nats/token" in text and "bits/char" in text
+
+    s = cli("sample", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", 20, "--seed", 3)
+    assert s.code == 0, s.err
+    assert s.out.startswith("All:") and len(s.out) > len("All:") + 20  # 20 tokens, several chars each
+    model, tok2 = load_run(out)
+    assert tok2.decode(tok2.encode("Speak, speak.\n")) == "Speak, speak.\n"

@@ -1,0 +1,49 @@
+"""`tinygpt bench`: it runs, checks that the fast sampling paths give the plain path's text, and
+never times what the hardware can only emulate."""
+
+import json
+
+import torch
+from conftest import TINY, cli
+
+from tinygpt.bench import peak_matmul_flops
+
+# The tiny model as a settings file, which `bench --preset` takes.
+TINY_BENCH = "".join(f"{k} = {TINY[k]}\n" for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
+                                                    "dropout"))
+
+
+def test_bench_runs_and_reports_identical_sampling(tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_BENCH)
+    out = tmp_path / "bench.json"
+    r = cli("bench", "--preset", cfg, "--iters", 1, "--vocab-size", 65, "--json", out)
+    assert r.code == 0, r.err
+    assert "| plain | float32 | reference | no |" in r.out
+    figures = json.loads(out.read_text())
+    assert set(figures["train"]) == {"plain", "fast"}
+    assert all(s["identical"] for s in figures["sample"].values())
+    assert figures["train"]["fast"]["tokens_per_sec"] > 0
+
+
+def test_bench_skips_bf16_peak_without_native_bf16_units(tmp_path, monkeypatch):
+    # An AMD CPU without AVX512-BF16/AMX: bf16 is emulated (~300x slower), so the bench must not
+    # time it (that took 27 minutes there) and the fast path runs in float32.
+    import tinygpt.runtime as rt
+
+    monkeypatch.setattr(rt, "cpu_flags", lambda: set())
+    monkeypatch.setattr(rt, "cpu_bf16_speedup", lambda: 0.0)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_BENCH)
+    out = tmp_path / "bench.json"
+    r = cli("bench", "--preset", cfg, "--iters", 1, "--device", "cpu", "--vocab-size", 65, "--json", out)
+    assert r.code == 0, r.err
+    figures = json.loads(out.read_text())
+    assert set(figures["peak_flops"]) == {"float32"}
+    assert figures["train"]["fast"]["dtype"] == "float32"
+    assert "bf16 not measured" in r.out
+
+
+def test_peak_probe_shrinks_to_its_time_budget():
+    # A budget far below one 2048^3 matmul still gives a positive figure (from a smaller size).
+    assert peak_matmul_flops(torch.float32, torch.device("cpu"), budget_s=1e-4, trials=1) > 0
