@@ -149,11 +149,6 @@ def test_abbreviated_flags_are_refused(tiny_text_file, tmp_path, flag):
     assert not (tmp_path / "run").exists()
 
 
-# `tinygpt train --n-layers 2` says "tinygpt: error: unrecognized arguments: --n-layers 2; see
-# tinygpt --help": the subcommand hands the flag it does not know back to the top-level parser,
-# whose error() only knows --help and --version, so it finds no near flag and names the wrong help.
-@pytest.mark.xfail(strict=True, reason="src bug: unknown subcommand flags get no 'did you mean' and name "
-                   "`tinygpt --help` (cli.Parser.error runs on the top-level parser)")
 @pytest.mark.parametrize("flag, near", [("--n-layers", "--n-layer"), ("--max-iter", "--max-iters"),
                                         ("--n-lay", "--n-layer")])
 def test_unknown_flag_suggests_the_nearest_and_the_subcommands_help(flag, near):

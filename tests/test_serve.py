@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import TINY_TEXT, run_cli, tiny_configs
+from conftest import TINY_TEXT, cli, tiny_configs
 
 from tinygpt.checkpoint import checkpoint_dir, load_run
 from tinygpt.cli import main
@@ -138,10 +138,10 @@ def test_openai_client_greedy_text_equals_tinygpt_sample(server, run_dir):
     client = OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0)
     assert [m.id for m in client.models.list().data] == [run_dir.name]
     r = client.completions.create(model=run_dir.name, prompt="All:", max_tokens=40, temperature=0)
-    sample = run_cli("sample", "--ckpt", run_dir, "--which", "best", "--prompt", "All:", "--max-new-tokens", 40,
-                     "--temperature", 0)
-    assert sample.returncode == 0, sample.stderr
-    assert sample.stdout == "All:" + r.choices[0].text + "\n"
+    sample = cli("sample", "--ckpt", run_dir, "--which", "best", "--prompt", "All:", "--max-new-tokens", 40,
+                 "--temperature", 0, process=True)
+    assert sample.code == 0, sample.err
+    assert sample.out == "All:" + r.choices[0].text + "\n"
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (4, 40, 44)
 

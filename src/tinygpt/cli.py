@@ -32,7 +32,9 @@ class Parser(argparse.ArgumentParser):
         if unknown:
             flag = unknown.group(1).split("=")[0]
             known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-            near = difflib.get_close_matches(flag, known, n=2, cutoff=0.6)
+            near = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+            score = {k: difflib.SequenceMatcher(None, flag, k).ratio() for k in near}
+            near = [k for k in near if score[k] >= score[near[0]] - 0.05]  # the nearest, and any as near
             if near:
                 message = f"unknown flag {flag}; did you mean {' or '.join(near)}?"
         sys.stderr.write(f"{self.prog}: error: {message}; see {self.prog} --help\n")
@@ -77,6 +79,7 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
                     "character-level language models.")
     parser.add_argument("--version", action="store_true", help="print tinygpt's version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
+    parser.commands = sub.choices  # name -> the subcommand's parser
 
     p = sub.add_parser("train", help="train a model and write a run directory",
                        prog=f"python {script}" if script else None,
@@ -184,7 +187,9 @@ def add_bench_args(p) -> None:
 def main(argv: list[str] | None = None, script: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(script)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, which knows its flags (and its --help)
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.version:
         from tinygpt import version
 
