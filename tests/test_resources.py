@@ -70,8 +70,9 @@ def test_param_count_is_the_built_models(values):
 
 
 # In a fresh process: warm torch up on a tiny model, then the peak RSS a real training step (model,
-# AdamW, three steps) adds (VmHWM, reset before them: a peak from the imports must not count). glibc is told to hand every freed block of 128 KiB or more back to the
-# system, so the peak is what was live, not what its free lists kept.
+# AdamW, three steps) adds (VmHWM, reset before them: an earlier peak must not count). glibc is
+# told to hand every freed block of 128 KiB or more back to the system, so the peak is what was
+# live, not what its free lists kept.
 MEASURE = """
 import json, resource, sys
 import torch
