@@ -40,6 +40,7 @@ TINY = dict(
     n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0,
     batch_size=16, max_iters=60, eval_interval=20, eval_iters=4, learning_rate=3e-3,
     dtype="float32", device="cpu", quiet=True, sample_chars=0, final_eval=False, plot=False,
+    threads="1",  # not "auto": runs that tests compare bit for bit must not differ in thread count
 )
 
 

@@ -113,3 +113,22 @@ def test_auto_dtype_is_detected_not_assumed(monkeypatch):
     speedup = cpu_bf16_speedup()
     has_bf16_units = bool({"amx_bf16", "avx512_bf16"} & rt.cpu_flags())
     assert (speedup > 0) == has_bf16_units
+
+
+@pytest.mark.parametrize("busy, cores, want", [(0.0, 2, 2), (1.0, 2, 1), (0.8, 2, 1), (0.5, 2, 2), (3.9, 4, 1)])
+def test_threads_auto_leaves_the_busy_cores(monkeypatch, busy, cores, want):
+    """On 2 cores with one busy, 2 threads trained 2.7x slower than 1 here; idle, 2 were 1.5x
+    faster. So "auto" counts the cores other work leaves idle."""
+    import tinygpt.runtime as rt
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(rt, "cpu_busy_cores", lambda: busy)
+    monkeypatch.setattr(rt.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    try:
+        assert rt.resolve_threads("auto", torch.device("cpu")) == want == torch.get_num_threads()
+        assert rt.resolve_threads("3", torch.device("cpu")) == 3 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert rt.resolve_threads("auto", torch.device("cpu")) is None  # the user's OMP_NUM_THREADS decides
+    finally:
+        torch.set_num_threads(before)

@@ -126,12 +126,18 @@ class TrainConfig:
         "auto", "auto uses bfloat16 where it is measurably faster", choices=("auto", "float32", "bfloat16")
     )
     compile: bool = setting(False, "compile the model with torch.compile")
+    threads: str = setting(
+        "auto", "CPU threads: auto uses the cores that are idle when the run starts (all of them on an idle "
+        "machine; OMP_NUM_THREADS, when set, wins), or a number"
+    )
     sample_chars: int = setting(500, "characters to generate and print at the end (0 = none)", ge=0)
     plot: bool = setting(True, "draw RUN/loss.png at the end of the run")
     quiet: bool = setting(False, "print only the loss reports, no progress bar")
 
     def __post_init__(self):
         check_fields(self)
+        if self.threads != "auto" and not (self.threads.isdigit() and int(self.threads) > 0):
+            raise UserError(f"threads must be auto or a positive number, got {self.threads!r}")
         if self.min_lr > self.learning_rate:
             raise UserError(f"min_lr must be in [0, learning_rate], got {self.min_lr}")
 

@@ -34,7 +34,7 @@ from tinygpt.evaluate import estimate_loss, evaluate_split
 from tinygpt.model import build_model
 from tinygpt.optim import lr_at, make_optimizer
 from tinygpt.progress import Progress
-from tinygpt.runtime import autocast, resolve_attention, resolve_device, resolve_dtype
+from tinygpt.runtime import autocast, resolve_attention, resolve_device, resolve_dtype, resolve_threads
 from tinygpt.tokenizer import CharTokenizer, load_tokenizer, tokenizer_from_json
 
 
@@ -74,6 +74,11 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, dist: Distrib
     t_start = time.perf_counter()
     log = dist.main_only(log)
     device = dist.device(resolve_device(cfg.device))
+    threads_before = torch.get_num_threads()
+    threads = resolve_threads(cfg.threads, device)
+    if threads is not None and threads < threads_before and cfg.threads == "auto":
+        log(f"other work is using this machine's cores: training on {threads} thread(s) instead of "
+            f"{threads_before} (--threads {threads_before} to insist)")
     tokenizer, data_path, tokens, meta = _tokenizer_and_tokens(cfg, dist, log)
     if cfg.init_from:  # fine-tuning keeps the base run's architecture
         model_cfg = runs.finetune_model_config(cfg.init_from, model_cfg)
