@@ -239,6 +239,29 @@ def test_a_failing_step_is_a_500_in_error_shape_and_serving_goes_on(run_dir):
         assert client.get("/health").json()["active"] == 0
 
 
+def test_out_of_memory_is_a_503_and_serving_goes_on(run_dir):
+    from fastapi.testclient import TestClient
+
+    app = create_app(load_served(str(run_dir), "best", "cpu"))
+    engine = app.state.worker.engine
+    step = engine.step
+
+    def out_of_memory(tokens):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 51539607552 bytes. Error code 12 (Cannot allocate memory)")
+
+    with TestClient(app) as client:
+        engine.step = out_of_memory
+        r = client.post("/v1/completions", json={"prompt": "All:", "max_tokens": 5, "n": 2})
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["type"] == "server_overloaded" and "ran out of memory on cpu generating 2 sequence(s)" in \
+            error["message"] and "Traceback" not in r.text
+        engine.step = step
+        r = client.post("/v1/completions", json={"prompt": "All:", "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
 # --- 2. a real browser --------------------------------------------------------------------------
 
 

@@ -110,13 +110,23 @@ SLOW_STEP = ["--n-layer", 2, "--n-head", 2, "--n-embd", 128, "--block-size", 64,
              "--sample-chars", 0, "--no-final-eval", "--no-plot"]
 
 
-@pytest.mark.slow
-def test_ctrl_c_in_a_long_step_stops_within_seconds(tmp_path):
+@pytest.fixture
+def slow_run(tmp_path):
+    """A real training process of SLOW_STEP, once step 0 is reported and saved (its training under
+    way), and its run directory."""
     data = tmp_path / "tiny.txt"
     data.write_text(TINY_TEXT * 4, encoding="utf-8")
     out = tmp_path / "run"
     proc = start("--data", data, "--out", out, *SLOW_STEP)
-    wait_for_file(out / "latest.json", proc)  # step 0 reported and saved: step 0's training is under way
+    wait_for_file(out / "latest.json", proc)
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_long_step_stops_within_seconds(slow_run):
+    proc, out = slow_run
     time.sleep(0.5)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
@@ -131,12 +141,8 @@ def test_ctrl_c_in_a_long_step_stops_within_seconds(tmp_path):
 
 
 @pytest.mark.slow
-def test_second_ctrl_c_exits_at_once(tmp_path):
-    data = tmp_path / "tiny.txt"
-    data.write_text(TINY_TEXT * 4, encoding="utf-8")
-    out = tmp_path / "run"
-    proc = start("--data", data, "--out", out, *SLOW_STEP)
-    wait_for_file(out / "latest.json", proc)
+def test_second_ctrl_c_exits_at_once(slow_run):
+    proc, out = slow_run
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)

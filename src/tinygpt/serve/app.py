@@ -180,8 +180,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _server_error(message: str) -> dict:
-    return ApiError(500, message, None, "server_error", "server_error").body()
+def _server_error(message: str, status: int = 500) -> dict:
+    kind = "server_overloaded" if status == 503 else "server_error"
+    return ApiError(status, message, None, kind, kind).body()
 
 
 async def stream(worker: Worker, seqs: list[Sequence], head: dict, prefixes: list[str], prompt_tokens: int,
@@ -227,7 +228,7 @@ async def take_all(queue: asyncio.Queue) -> list[Event]:
     for e in events:
         if e.index in merged:
             m = merged[e.index]
-            e = Event(e.index, m.text + e.text, e.finish, e.tokens, e.error)
+            e = Event(e.index, m.text + e.text, e.finish, e.tokens, e.error, e.status)
         merged[e.index] = e
     return list(merged.values())
 
@@ -248,7 +249,7 @@ async def collect(request: Request, worker: Worker, seqs: list[Sequence], head: 
                 return JSONResponse(_server_error("client disconnected"), status_code=499)
             for e in events.result():
                 if e.error:
-                    return JSONResponse(_server_error(e.error), status_code=500)
+                    return JSONResponse(_server_error(e.error, e.status), status_code=e.status)
                 texts[e.index] += e.text
                 if e.finish:
                     finishes[e.index] = e.finish

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tinygpt.engine import DecodeEngine
+from tinygpt.resources import is_out_of_memory
 from tinygpt.runtime import autocast
 from tinygpt.sampling import sample_next_token
 
@@ -34,6 +35,7 @@ class Event:
     finish: str | None = None  # "stop" (a stop sequence) or "length" (max_tokens)
     tokens: int = 0  # tokens generated, on the last event
     error: str | None = None
+    status: int = 500  # of an error: 503 when the server ran out of memory (retry later, or ask for less)
 
 
 @dataclass(eq=False)
@@ -202,7 +204,14 @@ class Worker:
                     for slot, seq in admitted:
                         self.active[slot].logits = self.engine.start(slot, seq.ids)
                     self._step()
-                except Exception:  # a bug or out of memory: fail these requests, keep serving
+                except Exception as e:  # a bug or out of memory: fail these requests, keep serving
+                    if is_out_of_memory(e):
+                        if self.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        n = len(self.active)
+                        self._fail_all(f"the server ran out of memory on {self.device} generating {n} sequence(s); "
+                                       "retry, or ask for fewer tokens or choices", status=503)
+                        continue
                     traceback.print_exc(file=sys.stderr)
                     self._fail_all("generation failed on the server; see its log")
 
@@ -241,8 +250,8 @@ class Worker:
         with self.cv:
             self.free_slots.append(slot)
 
-    def _fail_all(self, message: str) -> None:
-        post([(a.seq, Event(a.seq.index, error=message)) for a in self.active.values()])
+    def _fail_all(self, message: str, status: int = 500) -> None:
+        post([(a.seq, Event(a.seq.index, error=message, status=status)) for a in self.active.values()])
         for slot in list(self.active):
             try:
                 self._release(slot)
