@@ -54,6 +54,24 @@ def test_slots_of_different_lengths_step_together(kw):
             torch.testing.assert_close(logits[s], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kw", POSITIONS, ids=["learned", "rope"])
+def test_static_shapes_decode_equals_uncached(kw):
+    """The CUDA path's shapes (every slot, the whole block, masked), run eagerly on CPU: the same
+    logits as the model on each sequence alone, idle slots included in every step."""
+    m = gpt(**kw)
+    engine = DecodeEngine(m, max_batch=3, static=True)
+    assert engine.static and not engine.graphs
+    seqs = {0: [1, 2, 3], 2: [4] * 7}  # slot 1 stays empty throughout
+    logits = {s: engine.start(s, ids) for s, ids in seqs.items()}
+    for _ in range(20):  # past the block of 16
+        tokens = {s: int(logits[s].argmax()) for s in seqs}
+        for s, t in tokens.items():
+            seqs[s].append(t)
+        logits.update(engine.step(tokens))
+        for s in seqs:
+            torch.testing.assert_close(logits[s], m(torch.tensor([seqs[s][-16:]]))[0][0, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_cache_is_allocated_once():
     m = gpt()
     engine = DecodeEngine(m, max_batch=2)

@@ -90,15 +90,18 @@ class DecodeEngine:
     last `block_size` tokens, which for the bigram is its last token anyway.
     """
 
-    def __init__(self, model, max_batch: int):
+    def __init__(self, model, max_batch: int, static: bool | None = None):
         self.model = model
         self.block_size = model.config.block_size
         self.max_batch = max_batch
         self.cache: KVCache | None = model.make_cache(max_batch)
         self.device = next(model.parameters()).device
         self.context: list[list[int]] = [[] for _ in range(max_batch)]  # ids each slot holds
-        # On CUDA: every step over all slots and the whole block, so shapes never change.
-        self.static = self.cache is not None and self.device.type == "cuda"
+        # On CUDA: every step over all slots and the whole block, so shapes never change (and the
+        # step is a CUDA graph). `static=True` elsewhere runs the same shapes eagerly (tests).
+        cuda = self.device.type == "cuda"
+        self.static = self.cache is not None and (cuda if static is None else static)
+        self.graphs = self.static and cuda
         self._graph = None
 
     # --- the interface -----------------------------------------------------------------------
@@ -162,8 +165,11 @@ class DecodeEngine:
         # last one of a full slot, which is refilled right after): nothing they hold is touched.
         ids = [tokens.get(s, 0) for s in range(end)]
         pos = [min(len(self.context[s]) - (s in tokens), self.block_size - 1) for s in range(end)]
-        if self.static:
+        if self.graphs:
             return self._graph_step(ids, pos)
+        if self.static:
+            return self._decode_forward(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
+                                        self.block_size)
         if len(slots) == end and len(set(pos)) == 1:  # slots 0..end-1 all step, at one position
             self.cache.decode_uniform(slice(0, end), pos[0], self.device)
             return self.model(torch.tensor(ids, device=self.device)[:, None], cache=self.cache)[0][:, -1].float()
