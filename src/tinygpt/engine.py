@@ -45,8 +45,9 @@ class KVCache:
         self._mask: torch.Tensor | None = None  # decode: (B, 1, 1, Tk)
         self._t_k = 0
 
-    def prefill(self, rows: slice, length: int, device) -> None:
-        """The next forward fills positions 0..length-1 of `rows` (causal among themselves)."""
+    def prefill(self, rows: slice | torch.Tensor, length: int, device) -> None:
+        """The next forward fills positions 0..length-1 of `rows` (a slice, or slot indices), the
+        tokens causal among themselves."""
         self._rows, self._write, self._mask = rows, None, None
         self.positions = torch.arange(length, device=device)
 
@@ -68,12 +69,12 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this forward's k, v (B, nh, T, hs); return the keys, values and mask to attend with."""
-        ck, cv = self.k[layer][self._rows], self.v[layer][self._rows]  # views of the slots' rows
         if self._write is None:  # prefill: the new tokens are the whole context
             T = k.shape[2]
-            ck[:, :, :T] = k
-            cv[:, :, :T] = v
+            self.k[layer][self._rows, :, :T] = k  # in place, for a slice or for slot indices
+            self.v[layer][self._rows, :, :T] = v
             return k, v, None
+        ck, cv = self.k[layer][self._rows], self.v[layer][self._rows]  # views of the slots' rows
         if isinstance(self._write, int):  # every row at the same position
             ck[:, :, self._write : self._write + 1] = k
             cv[:, :, self._write : self._write + 1] = v
@@ -112,7 +113,7 @@ class DecodeEngine:
         if not ids:
             raise ValueError("a prompt needs at least one token")
         self.context[slot] = list(ids[-self.block_size :])
-        return self._prefill(slot, slot + 1, torch.tensor([self.context[slot]], device=self.device))[0]
+        return self._prefill(slice(slot, slot + 1), torch.tensor([self.context[slot]], device=self.device))[0]
 
     @torch.inference_mode()
     def start_batch(self, idx: torch.Tensor) -> torch.Tensor:
@@ -120,7 +121,7 @@ class DecodeEngine:
         idx = idx[:, -self.block_size :]
         for b, row in enumerate(idx.tolist()):
             self.context[b] = row
-        return self._prefill(0, idx.shape[0], idx.to(self.device))
+        return self._prefill(slice(0, idx.shape[0]), idx.to(self.device))
 
     @torch.inference_mode()
     def step(self, tokens: dict[int, int]) -> dict[int, torch.Tensor]:
@@ -133,8 +134,10 @@ class DecodeEngine:
         if stepping:
             logits = self._decode(stepping, tokens)
             out.update({s: logits[s] for s in stepping})
-        for s in full:  # the context slid past block_size: every position moved, refill the slot
-            out[s] = self._prefill(s, s + 1, torch.tensor([self.context[s]], device=self.device))[0]
+        if full:  # the context slid past block_size: every position moved, refill those slots (together)
+            rows = torch.tensor(full, device=self.device)
+            logits = self._prefill(rows, torch.tensor([self.context[s] for s in full], device=self.device))
+            out.update(zip(full, logits))
         return out
 
     def step_batch(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -148,11 +151,11 @@ class DecodeEngine:
 
     # --- the forward passes --------------------------------------------------------------------
 
-    def _prefill(self, first: int, end: int, idx: torch.Tensor) -> torch.Tensor:
-        """Forward `idx` (n, T) into slots first..end-1 from position 0; last logits (n, vocab)."""
+    def _prefill(self, rows: slice | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Forward `idx` (n, T) into the n slots `rows` from position 0; last logits (n, vocab)."""
         if self.cache is None:
             return self.model(idx)[0][:, -1].float()
-        self.cache.prefill(slice(first, end), idx.shape[1], self.device)
+        self.cache.prefill(rows, idx.shape[1], self.device)
         return self.model(idx, cache=self.cache)[0][:, -1].float()
 
     def _decode(self, slots: list[int], tokens: dict[int, int]) -> torch.Tensor:

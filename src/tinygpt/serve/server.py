@@ -20,6 +20,9 @@ def serve(ckpt: str, which: str = "best", host: str = "127.0.0.1", port: int = 8
 
     if max_batch < 1:
         raise UserError(f"--max-batch must be positive, got {max_batch}")
+    # The generation thread and the event loop hand the GIL back and forth every step; at
+    # Python's default 5 ms switch interval each hand-off could wait that long.
+    sys.setswitchinterval(1e-4)
     if not api_key and not _is_loopback(host):
         sys.stderr.write(f"tinygpt serve: warning: listening on {host} without --api-key: anyone who can reach "
                          "this machine can use the model; add --api-key KEY\n")
