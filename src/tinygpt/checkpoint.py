@@ -326,6 +326,12 @@ def read_run_meta(run_dir: Path) -> dict:
     return meta
 
 
+def which_checkpoint(run_dir: Path, which: str) -> str:
+    """The checkpoint `which` resolves to: "best" when asked for and the run has one, else
+    "latest" (what `checkpoint_dir` falls back to)."""
+    return "best" if which == "best" and pointer(Path(run_dir), "best") else "latest"
+
+
 def checkpoint_dir(run_dir: Path, which: str = "latest") -> Path:
     rel = pointer(Path(run_dir), which)
     if rel is None:

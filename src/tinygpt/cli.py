@@ -306,9 +306,9 @@ def cmd_sample(args) -> int:
 
 def say_which(run_dir, which: str) -> None:
     """On stderr (stdout is the text): the checkpoint a command reads."""
-    from tinygpt.checkpoint import checkpoint_dir, pointer
+    from tinygpt.checkpoint import checkpoint_dir, which_checkpoint
 
-    used = "best" if which == "best" and pointer(Path(run_dir), "best") else "latest"
+    used = which_checkpoint(Path(run_dir), which)
     note = "" if used == which else " (the run has no best checkpoint yet)"
     sys.stderr.write(f"using the {used} checkpoint{note}: {checkpoint_dir(Path(run_dir), used)}\n")
 

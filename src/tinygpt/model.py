@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinygpt.config import ModelConfig
-from tinygpt.kernels import Dropout, attention
+from tinygpt.kernels import KERNELS, Dropout, attention
 
 
 class LanguageModel(nn.Module):
@@ -176,8 +176,6 @@ class GPTLanguageModel(LanguageModel):
 
     def set_attention(self, kernel: str) -> None:
         """Choose the attention kernel ("sdpa", "manual" or "reference") for every block."""
-        from tinygpt.kernels import KERNELS
-
         if kernel not in KERNELS:
             raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
         for block in self.blocks:

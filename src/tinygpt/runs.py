@@ -253,12 +253,6 @@ def read_metrics(run_dir: Path, reports_only: bool = True) -> list[dict]:
     return [r for r in rows if "val_loss" in r] if reports_only else rows
 
 
-def final_record(run_dir: Path) -> dict | None:
-    """The whole-val-split figures written at the end of the run, if it got there."""
-    finals = [r for r in read_metrics(run_dir, reports_only=False) if "final_val_loss" in r]
-    return finals[-1] if finals else None
-
-
 # --- listing runs ----------------------------------------------------------------------------
 
 

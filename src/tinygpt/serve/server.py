@@ -5,7 +5,7 @@ import socket
 import sys
 from pathlib import Path
 
-from tinygpt.checkpoint import checkpoint_dir, load_run
+from tinygpt.checkpoint import checkpoint_dir, load_run, which_checkpoint
 from tinygpt.errors import UserError
 from tinygpt.runs import read_metrics
 from tinygpt.runtime import inference_dtype, resolve_device
@@ -50,7 +50,7 @@ def load_served(ckpt: str, which: str = "best", device: str = "auto", dtype: str
 def model_card(run_dir: Path, which: str, model, tokenizer) -> dict:
     """OpenAI's model object, plus what the run is: size, vocabulary, context and val loss."""
     ckpt = checkpoint_dir(run_dir, which)
-    used = which if (run_dir / f"{which}.json").is_file() else "latest"  # best falls back to latest
+    used = which_checkpoint(run_dir, which)
     step = _step_of(ckpt)
     try:
         reports = [r for r in read_metrics(run_dir) if isinstance(r.get("val_loss"), (int, float))]
