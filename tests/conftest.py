@@ -114,14 +114,18 @@ def cli(*args, process: bool = False, script: str | None = None, cwd=None, env: 
     return Result(code, out.getvalue(), err.getvalue())
 
 
-def assert_one_line_error(result: Result, *fragments: str, status: int = 2) -> None:
+def assert_one_line_error(result: Result, *fragments: str, status: int = 2, notices: tuple[str, ...] = ()) -> None:
     """The command failed with `status`, saying so in exactly one line on stderr that holds
-    every fragment, and no traceback."""
+    every fragment, and no traceback. `notices`: the exact lines the command said on stderr
+    before it failed (a resume says "resuming RUN at step N")."""
     assert result.code == status, result.err
-    assert result.err.count("\n") == 1 and result.err.endswith("\n"), result.err  # exactly one line
+    lines = result.err.split("\n")
+    assert lines[:len(notices)] == list(notices), result.err
+    error = "\n".join(lines[len(notices):])
+    assert error.count("\n") == 1 and error.endswith("\n"), result.err  # exactly one line
     assert "Traceback" not in result.err, result.err
     for fragment in fragments:
-        assert fragment in result.err, f"{fragment!r} not in {result.err!r}"
+        assert fragment in error, f"{fragment!r} not in {error!r}"
 
 
 # --- runs -------------------------------------------------------------------------------------------
@@ -211,3 +215,42 @@ def _seed():
 def _token_cache(tmp_path_factory, monkeypatch):
     """Encoded corpora go to a fresh directory per test, never into the shared data directory."""
     monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path_factory.mktemp("encoded")))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_token_cache(tmp_path_factory):
+    """... and so do those of the session-wide fixtures (`trained_run`), made before any test's."""
+    saved = os.environ.get("TINYGPT_CACHE_DIR")
+    os.environ["TINYGPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("session-encoded"))
+    yield
+    if saved is None:
+        os.environ.pop("TINYGPT_CACHE_DIR", None)
+    else:
+        os.environ["TINYGPT_CACHE_DIR"] = saved
+
+
+def listing(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file and folder under `root`: what a write into it would change."""
+    if not root.is_dir():
+        return {}
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def _data_dir() -> Path:
+    from tinygpt.data import data_dir
+
+    return data_dir()
+
+
+def pytest_sessionstart(session):
+    session.config._data_dir_before = listing(_data_dir())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite writes only under its own temporary directories: the data directory (the
+    user's, or CI's read-only shared copy) must be exactly as it was."""
+    before, after = getattr(session.config, "_data_dir_before", None), listing(_data_dir())
+    if before is not None and after != before:
+        changed = sorted(set(after.items()) ^ set(before.items()))
+        sys.stderr.write(f"\nthe test suite wrote into the data directory {_data_dir()}: {changed[:5]}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

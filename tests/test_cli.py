@@ -114,7 +114,7 @@ def test_runs_lists_runs_as_a_table(trained_run, tmp_path):
     r = cli("runs", root)
     assert r.code == 0, r.err
     header, rule, *rows = r.out.splitlines()
-    assert header == "| run | model | steps | best val loss | bits/char | date |"
+    assert header == "| run | model | steps | val loss (whole split) | bits/char | date |"
     assert [row.split(" | ")[0] for row in rows] == ["| broken", "| good"]
     assert rows[0].startswith("| broken | damaged: ") and "run.json is garbled" in rows[0]
 
@@ -122,9 +122,20 @@ def test_runs_lists_runs_as_a_table(trained_run, tmp_path):
     model, _ = load_run(trained_run)
     params = sum(p.numel() for p in model.parameters())
     assert size == f"2x2x32, {params / 1e3:.0f}k"
-    best = min(read_metrics(trained_run), key=lambda m: m["val_loss"])
-    assert (steps, best_loss, bpc) == ("4", f"{best['val_loss']:.4f}", f"{best['val_bpc']:.4f}")
+    # The figure train printed at its end (whole val split, best checkpoint), not the estimate.
+    final = next(m for m in read_metrics(trained_run, reports_only=False) if "final_val_loss" in m)
+    estimate = min(read_metrics(trained_run), key=lambda m: m["val_loss"])
+    assert (steps, best_loss, bpc) == ("4", f"{final['final_val_loss']:.4f}", f"{final['final_val_bpc']:.4f}")
+    assert best_loss != f"{estimate['val_loss']:.4f}"
     assert time.strptime(date, "%Y-%m-%d %H:%M")
+
+    # A run without the whole-split figure shows none, and says how to get it.
+    shutil.copytree(trained_run, root / "stopped")
+    metrics = root / "stopped" / "metrics.jsonl"
+    metrics.write_text("".join(ln + "\n" for ln in metrics.read_text().splitlines() if "final_val_loss" not in ln))
+    out = cli("runs", root).out
+    assert "| stopped | 2x2x32" in out and "| 4 | — | — |" in out
+    assert out.splitlines()[-1].startswith("—: the run has no whole-split figure yet")
 
     assert cli("runs", tmp_path / "empty-but-there").code == 2
     (tmp_path / "empty").mkdir()
@@ -205,6 +216,49 @@ def test_errors_are_one_line_without_traceback_in_a_real_process(tmp_path):
                      "give the --out of a `tinygpt train` run\n")
 
 
+def test_the_scripts_errors_name_the_command_the_user_typed(tmp_path):
+    """`python gpt.py` says `python gpt.py:` in every error, its flags' and its input's alike."""
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("Caf\xe9\n".encode("latin-1") * 50)
+    for script in ("gpt.py", "bigram.py"):
+        r = cli("--data", bad, "--out", tmp_path / "run", script=script, timeout=120)
+        assert_one_line_error(r, f"python {script}: error: data file {bad} is not valid UTF-8")
+        assert r.err.startswith(f"python {script}: error: ")
+        r = cli("--n-layers", "2", script=script, timeout=120)
+        assert r.err.startswith(f"python {script}: error: unknown flag --n-layers")
+
+
+@pytest.fixture
+def busy_machine(monkeypatch):
+    """Every core looks busy with other work, as on a loaded machine (the threads notice)."""
+    import tinygpt.runtime
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(tinygpt.runtime, "cpu_busy_cores", lambda *a, **k: 64.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the threads the machine had
+
+
+def test_notices_go_to_stderr_and_stdout_is_the_product(busy_machine, tiny_text_file, tmp_path):
+    r = cli("train", *tiny_args(tiny_text_file, tmp_path / "run", max_iters=4, eval_interval=2, final_eval=True,
+                                threads="auto", sample_chars=30))
+    assert r.code == 0, r.err
+    assert r.err == ("other work is using this machine's cores: training on 1 thread(s) instead of 2 "
+                     "(--threads 2 to insist)\n")
+    lines = r.out.splitlines()
+    assert [ln.split(":")[0] for ln in lines[:3]] == ["step 0", "step 2", "step 4"]
+    assert lines[3].startswith("val loss over the whole val split: ")
+    assert len("\n".join(lines[4:])) == 30  # then the sample, and nothing else
+
+
+def test_an_input_error_on_a_busy_machine_is_still_one_line(busy_machine, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("Caf\xe9\n".encode("latin-1") * 50)
+    r = cli("train", "--data", bad, "--out", tmp_path / "run", "--threads", "auto")
+    assert r.out == ""
+    assert r.err == (f"tinygpt train: error: data file {bad} is not valid UTF-8 (byte 3); "
+                     "convert it, e.g. with iconv -t UTF-8\n")
+
+
 # --- output and progress ----------------------------------------------------------------------------------
 
 
@@ -230,7 +284,7 @@ class FakeStream(io.StringIO):
 
 def test_progress_plain_periodic_lines_off_a_terminal_bar_on_one():
     logged = []
-    plain = Progress(total=4, log=logged.append, interval_s=0.0, stream=FakeStream(tty=False))
+    plain = Progress(total=4, log=logged.append, note=logged.append, interval_s=0.0, stream=FakeStream(tty=False))
     plain.report("step 0: train loss 4.0000, val loss 4.0000")
     for loss in (3.0, 2.5, 2.0, 1.5):
         plain.step(loss, 1234.0)
@@ -242,7 +296,8 @@ def test_progress_plain_periodic_lines_off_a_terminal_bar_on_one():
     assert not any("\r" in ln or "\x1b" in ln for ln in logged)
 
     quiet_log = []
-    quiet = Progress(total=4, quiet=True, log=quiet_log.append, interval_s=0.0, stream=FakeStream(tty=True))
+    quiet = Progress(total=4, quiet=True, log=quiet_log.append, note=quiet_log.append, interval_s=0.0,
+                     stream=FakeStream(tty=True))
     quiet.report("step 0: report")
     for _ in range(4):
         quiet.step(1.0, 10.0)

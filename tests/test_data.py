@@ -4,6 +4,7 @@ line), the 90/10 split, and batches that are the same for any split of the work.
 import hashlib
 import http.server
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -155,3 +156,24 @@ def test_crlf_corpus_is_read_exactly(tmp_path):
     r = cli("eval", "--ckpt", result.run_dir, "--json", "--split", "val")
     assert r.code == 0, r.err
     assert json.loads(r.out)["val"]["tokens"] == val_chars
+
+
+def test_training_on_the_real_corpus_writes_nothing_into_the_data_directory(tmp_path):
+    """Tests (and CI, whose data directory is a read-only shared copy) keep the encoded corpus
+    under their own temporary directory: TINYGPT_CACHE_DIR, set for every test and fixture."""
+    from conftest import listing, shakespeare_path
+
+    from tinygpt.corpus import cache_dir
+    from tinygpt.data import data_dir
+
+    assert Path(os.environ["TINYGPT_CACHE_DIR"]) == cache_dir()
+    assert data_dir() not in cache_dir().parents and cache_dir() != data_dir() / "encoded"
+    corpus = shakespeare_path()
+    if corpus is None:
+        pytest.skip("Tiny Shakespeare is not in the data directory (TINYGPT_DATA_DIR)")
+    before = listing(data_dir())
+    r = cli("train", *tiny_args(None, tmp_path / "run", max_iters=1, eval_interval=1))
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data_path"] == str(corpus.resolve())
+    assert listing(data_dir()) == before
+    assert list(cache_dir().glob("*.tokens"))  # the encoded corpus went here instead

@@ -266,7 +266,7 @@ def test_out_of_memory_in_a_training_step_resumes_with_a_smaller_batch(capsys, m
 
     r = cli(*fix.strip("`").split()[1:])  # the command the message gives
     assert r.code == 0, r.err
-    assert f"resuming {out} at step 2" in r.out
+    assert f"resuming {out} at step 2" in r.err
     assert sorted(losses_by_step(out)) == [0, 2, 4, 6] and latest_step(out) == 6
     meta = json.loads((out / "run.json").read_text())
     assert (meta["train"]["batch_size"], meta["train"]["grad_accum"]) == (8, 1)  # the run is still the run
@@ -498,7 +498,7 @@ def test_out_of_disk_writing_the_plot(capsys, monkeypatch, text_file, tmp_path):
     r = cli("train", "--resume", out, "--max-iters", 4)
     assert len(armed["fired"]) == 1
     assert_one_line_error(r, f"out of disk space writing {out / '.loss.png.tmp'}", "the plot was not "
-                          "written and nothing half-written is left", status=4)
+                          "written and nothing half-written is left", status=4, notices=(f"resuming {out} at step 2",))
     assert snapshot(out) == snapshots[-1] and (out / "loss.png").read_bytes() == old_png
     assert temp_names(out) == [] and latest_step(out) == 4
 
@@ -588,7 +588,8 @@ def test_a_real_full_disk_during_a_checkpoint(capsys, monkeypatch, text_file, tm
         snapshots = before_each(monkeypatch, ckpt, "save_checkpoint", out, {}, arm_at=1)
         r = cli("train", "--resume", out, "--max-iters", 4)
         assert_one_line_error(r, f"out of disk space writing {out / 'checkpoints'}", "at step 4;",
-                              "the last checkpoint (step 2) is intact", status=4)
+                              "the last checkpoint (step 2) is intact", status=4,
+                              notices=(f"resuming {out} at step 2",))
         assert snapshot(out) == snapshots[-1] and temp_names(out) == []
         monkeypatch.undo()
         filler.unlink()

@@ -35,7 +35,7 @@ def test_resume_after_max_iters_is_bit_exact(tiny_text_file, tmp_path, dtype):
     assert r.code == 0, r.err
     b = cli("train", "--resume", tmp_path / "b", "--max-iters", 12)
     assert b.code == 0, b.err
-    assert f"resuming {tmp_path / 'b'} at step 6" in b.out
+    assert b.err == f"resuming {tmp_path / 'b'} at step 6\n"  # a notice: on stderr, beside the reports
 
     la, lb = losses_by_step(tmp_path / "a"), losses_by_step(tmp_path / "b")
     assert sorted(la) == [0, 4, 8, 12] and sorted(lb) == [0, 4, 6, 8, 12]
@@ -56,7 +56,7 @@ def test_resume_after_signal_stop_is_bit_exact(tiny_text_file, tmp_path, eval_in
 
     def run(flags, log=lambda *_: None):
         model_cfg, train_cfg = settings_from_flags(flags)
-        return train(model_cfg, train_cfg, log=log)
+        return train(model_cfg, train_cfg, log=log, note=log)
 
     run({**base, "out": str(tmp_path / "a")})
 
@@ -122,7 +122,7 @@ def test_resume_through_the_script(tiny_text_file, tmp_path):
     assert r.code == 0, r.err
     r = cli("--resume", out, "--max-iters", 5, script="gpt.py", timeout=120)
     assert r.code == 0, r.err
-    assert f"resuming {out} at step 3" in r.out and "step 5: train loss" in r.out
+    assert f"resuming {out} at step 3" in r.err and "step 5: train loss" in r.out
     assert sorted(losses_by_step(out)) == [0, 3, 5]
     r = cli("train", "--model", "bigram", "--resume", out)  # what bigram.py passes
     assert_one_line_error(r, "--model bigram conflicts with the run being resumed")

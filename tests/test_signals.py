@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TINY_TEXT, cli, losses_by_step, tiny_args, tiny_configs, weights
 
-from tinygpt import progress
+from tinygpt import progress, stopping
 from tinygpt.checkpoint import load_run
 from tinygpt.train import Stopped
 
@@ -54,13 +54,13 @@ def test_stop_inside_a_phase_resumes_exactly(monkeypatch, tiny_text_file, tmp_pa
     stopped, losses and weights."""
     run_to_the_end(tiny_text_file, tmp_path / "a")
     if where == "backward":
-        signal_self_on(monkeypatch, train, "_let_signals_in", nth)
+        signal_self_on(monkeypatch, stopping, "signal_hook", nth)
     else:
         signal_self_on(monkeypatch, progress.Phase, "tick", nth)
     lines = []
     m, t = configs(tiny_text_file, tmp_path / "b")
     with pytest.raises(Stopped) as stopped:
-        train.train(m, t, log=lines.append)
+        train.train(m, t, log=lines.append, note=lines.append)
     assert stopped.value.exit_code == 130
     assert lines[-1].startswith("stopped at step ")
     monkeypatch.undo()
@@ -83,7 +83,7 @@ def test_stop_in_the_final_eval_keeps_the_finished_run(monkeypatch, tiny_text_fi
     lines = []
     m, t = configs(tiny_text_file, tmp_path / "run", final_eval=True)
     with pytest.raises(Stopped) as stopped:
-        train.train(m, t, log=lines.append)
+        train.train(m, t, log=lines.append, note=lines.append)
     assert stopped.value.exit_code == 143
     assert lines[-1].startswith("stopped during the final evaluation; the run is complete")
     assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 8
@@ -134,7 +134,7 @@ def test_ctrl_c_in_a_long_step_stops_within_seconds(slow_run):
     waited = time.monotonic() - t0
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert stdout.splitlines()[-1] == f"stopped at step 0; checkpoint saved in {out}. " \
+    assert stderr.splitlines()[-1] == f"stopped at step 0; checkpoint saved in {out}. " \
                                       f"Resume with: tinygpt train --resume {out}"
     assert waited < 5, f"took {waited:.1f} s to stop"  # one step here takes longer (check: `tinygpt bench`)
     load_run(out)
@@ -200,11 +200,11 @@ def test_signal_saves_and_stops(tiny_text_file, tmp_path, sig, status):
     code, stdout, stderr = run.finish()
     assert code == status, stderr
     assert "Traceback" not in stderr
-    last = stdout.splitlines()[-1]
+    last = stderr.splitlines()[-1]
     step = int(last.split()[3].rstrip(";"))
     assert last == f"stopped at step {step}; checkpoint saved in {out}. Resume with: tinygpt train --resume {out}"
     assert json.loads((out / "latest.json").read_text()) == {"checkpoint": f"checkpoints/step_{step:06d}",
                                                                "step": step}
     r = cli("train", "--resume", out, "--max-iters", step + 2)
     assert r.code == 0, r.err
-    assert f"resuming {out} at step {step}" in r.out and f"step {step + 2}: train loss" in r.out
+    assert f"resuming {out} at step {step}" in r.err and f"step {step + 2}: train loss" in r.out

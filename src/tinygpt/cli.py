@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
             return COMMANDS[args.command](args)
     except UserError as e:  # ResourceErrors too (out of memory or disk): exit status 4
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; rank 0 says so
-            sys.stderr.write(f"tinygpt {args.command}: error: {e}\n")
+            typed = f"python {script}" if script else f"tinygpt {args.command}"  # the command the user typed
+            sys.stderr.write(f"{typed}: error: {e}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
@@ -364,7 +365,7 @@ def cmd_prepare(args) -> int:
 
     cfg = C.build(C.TrainConfig, {k: getattr(args, k) for k in ("tokenizer", "vocab_size") if hasattr(args, k)})
     path = prepare(find_corpus(args.data), kind=cfg.tokenizer, vocab_size=cfg.vocab_size, force=args.force,
-                   log=print)
+                   log=lambda line: sys.stderr.write(line + "\n"))
     header, _ = read_header(path)
     print(f"{path}: {header['train_tokens']:,} train + {header['val_tokens']:,} val tokens ({header['dtype']}) "
           f"of {header['chars']:,} characters")

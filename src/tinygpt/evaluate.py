@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from tinygpt.data import random_batches, windows
+from tinygpt.data import count_windows, random_batches, windows
 from tinygpt.runtime import autocast
 
 
@@ -63,3 +63,30 @@ def evaluate_split(model, data: torch.Tensor, block_size: int, device, dtype,
         "tokens": count,
         "chars": n_chars,
     }
+
+
+def final_eval_batch(block_size: int) -> int:
+    """Windows per forward pass in the final eval: about 16k tokens, at least 32 windows."""
+    return max(32, 16384 // block_size)
+
+
+def final_eval(model, corpus, block_size: int, device, dtype, run_dir, best_step: int | None, step: int,
+               progress, seconds_hint: float | None) -> tuple[dict, dict]:
+    """The end of a run: the whole val split scored for the last model and, where the best
+    checkpoint is another one, for that checkpoint too, whose weights are then left in `model`.
+    Returns (best, last); they are the same dict when the last model is the best."""
+    from tinygpt.checkpoint import checkpoint_dir, load_weights
+
+    batch = final_eval_batch(block_size)
+    n_batches = count_windows(len(corpus.val), block_size, batch)
+
+    def score(which: str) -> dict:
+        with progress.phase(f"whole-val-split loss ({which})", n_batches, seconds_hint) as ph:
+            return evaluate_split(model, corpus.val, block_size, device, dtype, corpus.val_chars,
+                                  batch_size=batch, tick=ph.tick)
+
+    last = score("last model")
+    if best_step is None or best_step == step:
+        return last, last
+    load_weights(checkpoint_dir(run_dir, "best") / "model.safetensors", model)
+    return score(f"best checkpoint, step {best_step}"), last

@@ -122,3 +122,11 @@ def lr_at(step: int, cfg) -> float:
     span = max(1, cfg.max_iters - cfg.warmup_iters)
     progress = min(1.0, (step - cfg.warmup_iters) / span)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def clip_grad_norm(model, clip: float) -> float:
+    """The gradients' total norm, after clipping it to `clip` where `clip` > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))

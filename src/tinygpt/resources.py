@@ -269,3 +269,40 @@ def halved_batch(batch_size: int, grad_accum: int) -> str | None:
     if factor is None:
         return None
     return f"--batch-size {batch_size // factor} --grad-accum {grad_accum * factor}"
+
+
+def out_of_memory_message(phase: str, step: int, saved_step: int | None, run_dir, batch: int, grad_accum: int,
+                          model_cfg, device, dtype) -> str:
+    """The one line for memory running out in a training run: where (`phase`: build, probe,
+    report, train or final), with which batch, what is kept, and the fix."""
+    block = model_cfg.block_size
+    where = {"build": "building the model", "probe": f"the timing probe at step {step}",
+             "report": f"the step {step} loss estimate", "train": f"training step {step}",
+             "final": "the final evaluation"}[phase]
+    what = (f"out of memory on {device.type} in {where} (batch {batch} x block {block}, "
+            f"{str(dtype).removeprefix('torch.')}")
+    if phase == "build":
+        return (f"{what}, {param_count(model_cfg):,} parameters); train a smaller model "
+                "(--n-embd, --n-layer) or use a device with more memory")
+    if phase == "final":
+        return (f"{what}); the run is complete and saved in {run_dir}: score it with "
+                f"`tinygpt eval --ckpt {run_dir} --batch-size {max(1, batch // 4)}`, and pass --no-final-eval "
+                "next time")
+    kept = ("no checkpoint was saved yet" if saved_step is None
+            else f"the last checkpoint (step {saved_step}) in {run_dir} is intact")
+    smaller = halved_batch(batch, grad_accum)
+    if smaller is None:  # a batch of one: only a smaller model helps
+        return f"{what}); {kept}; start a new run with a smaller --block-size, --n-embd or --n-layer"
+    if saved_step is None:
+        return f"{what}); {kept}: run the command again with --overwrite {smaller} (the same effective batch)"
+    return f"{what}); {kept}: resume with `tinygpt train --resume {run_dir} {smaller}` (the same effective batch)"
+
+
+def out_of_disk_message(e: OSError, step: int, saved_step: int | None, run_dir) -> str:
+    """The one line for a refused write in a training run: which file, what is kept, how to go on."""
+    if saved_step is None:
+        return (f"{what_failed(e)} at step {step}; training stopped before its first checkpoint: "
+                "free some space (or choose another --out), then run the command again with --overwrite")
+    return (f"{what_failed(e)} at step {step}; training stopped, the last checkpoint (step {saved_step}) "
+            f"is intact and nothing half-written is left in {run_dir}: free some space, then "
+            f"`tinygpt train --resume {run_dir}`")

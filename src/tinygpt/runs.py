@@ -167,6 +167,80 @@ def check_world_size(meta: dict, run_dir: Path, world: int) -> None:
                         f"resume it with torchrun --nproc_per_node {saved} (the same batches)")
 
 
+# --- what a run trains on and starts from ---------------------------------------------------------
+
+
+def tokenizer_and_tokens(cfg: C.TrainConfig, dist, note) -> tuple:
+    """(tokenizer, data path, token file, the resumed run's run.json or None) of a run: the
+    run's own tokenizer on a resume, the base run's on a fine-tune, else a new one trained on
+    the data. Rank 0 encodes the text if it has to (see `tinygpt.corpus`); every process then
+    maps the same file."""
+    from tinygpt.corpus import prepare, read_tokenizer, text_alphabet
+    from tinygpt.data import find_corpus
+    from tinygpt.tokenizer import CharTokenizer, load_tokenizer, tokenizer_from_json
+
+    if cfg.resume:
+        meta = ckpt.read_run_meta(Path(cfg.resume))
+        saved_model, _ = ckpt.configs_from_meta(meta)
+        tokenizer = ckpt.load_run_tokenizer(cfg.resume, saved_model)
+        data_path = Path(cfg.data) if cfg.data else Path(meta["data_path"])
+        return tokenizer, data_path, _token_file(dist, data_path, tokenizer, note), meta
+    data_path = find_corpus(cfg.data)
+    if cfg.init_from:
+        if hf_source(cfg.init_from):
+            from tinygpt.hf import read_gpt2_tokenizer
+
+            tokenizer = read_gpt2_tokenizer(hf_source(cfg.init_from))
+        else:
+            ckpt.read_run_meta(Path(cfg.init_from))
+            tokenizer = load_tokenizer(Path(cfg.init_from) / "tokenizer.json")
+        alphabet = dist.on_main(text_alphabet, data_path)  # in order of first appearance
+        unknown = tokenizer.unknown(alphabet)
+        if unknown and cfg.grow_vocab and isinstance(tokenizer, CharTokenizer):
+            tokenizer = tokenizer.extend(alphabet)
+        elif unknown:
+            raise UserError(
+                f"{data_path} has {len(unknown)} character(s) the run {cfg.init_from} never saw "
+                f"({', '.join(map(repr, unknown[:10]))}); pass --grow-vocab to add them"
+            )
+        return tokenizer, data_path, _token_file(dist, data_path, tokenizer, note), None
+    tokens = dist.on_main(prepare, data_path, kind=cfg.tokenizer, vocab_size=cfg.vocab_size, log=note)
+    # Rank 0's tokenizer, sent to all: on another machine its token file may not exist.
+    tokenizer = tokenizer_from_json(dist.on_main(lambda: read_tokenizer(tokens).to_json()))
+    return tokenizer, data_path, tokens if dist.is_main else prepare(data_path, tokenizer), None
+
+
+def _token_file(dist, data_path: Path, tokenizer, note) -> Path:
+    """The token file of `data_path` with `tokenizer`: rank 0 encodes it if it must, then every
+    other process finds it (a quick check) or, on a machine that does not share the disk,
+    encodes its own copy."""
+    from tinygpt.corpus import prepare
+
+    tokens = dist.on_main(prepare, data_path, tokenizer, log=note)
+    return tokens if dist.is_main else prepare(data_path, tokenizer)
+
+
+def load_init_weights(model, cfg: C.TrainConfig) -> None:
+    """A fine-tune's starting weights, from a GPT-2-family directory (`hf:DIR`) or a run."""
+    if hf_dir := hf_source(cfg.init_from):
+        from tinygpt.hf import load_gpt2_weights
+
+        load_gpt2_weights(model, hf_dir)
+    else:
+        ckpt.load_weights(ckpt.checkpoint_dir(cfg.init_from, "latest") / "model.safetensors", model,
+                          grown=cfg.grow_vocab)
+
+
+def run_record(cfg: C.TrainConfig, data_path: Path, dtype, kernel: str, device, world: int) -> dict:
+    """What run.json records beyond the settings: what `auto` resolved to, and the sources."""
+    extra = {"data_path": str(data_path.resolve()), "dtype": str(dtype).removeprefix("torch."),
+             "attention_kernel": kernel, "device": str(device), "world_size": world}
+    if cfg.init_from:
+        hf_dir = hf_source(cfg.init_from)
+        extra["init_from"] = f"hf:{hf_dir.resolve()}" if hf_dir else str(Path(cfg.init_from).resolve())
+    return extra
+
+
 # --- metrics.jsonl -------------------------------------------------------------------------------
 
 
@@ -256,8 +330,20 @@ def read_metrics(run_dir: Path, reports_only: bool = True) -> list[dict]:
 # --- listing runs ----------------------------------------------------------------------------
 
 
+def whole_val(run_dir: Path) -> dict | None:
+    """The run's val loss over the whole val split, as its end scored it (best checkpoint):
+    {"loss", "bits_per_char", "step"}; None for a run that stopped before, or skipped it."""
+    finals = [r for r in read_metrics(run_dir, reports_only=False) if "final_val_loss" in r]
+    if not finals:
+        return None
+    last = finals[-1]
+    return {"loss": last["final_val_loss"], "bits_per_char": last["final_val_bpc"],
+            "step": last.get("best_step", last["step"])}
+
+
 def list_runs(root: Path) -> str:
-    """A markdown table of the runs under `root` (name, size, steps, best val, bits/char, date)."""
+    """A markdown table of the runs under `root` (name, size, steps, whole-split val loss,
+    bits/char, date): the figure `train` prints at its end, not the periodic estimate."""
     if not root.is_dir():
         raise UserError(f"{root} is not a directory; give the directory that holds your runs (default: runs)")
     rows = []
@@ -266,20 +352,23 @@ def list_runs(root: Path) -> str:
             meta = ckpt.read_run_meta(run)
             model_cfg, _ = ckpt.configs_from_meta(meta)
             reports = read_metrics(run) if (run / "metrics.jsonl").is_file() else []
+            final = whole_val(run) if reports else None
         except UserError as e:
             rows.append(f"| {run.name} | damaged: {e} | | | | |")
             continue
-        best = min(reports, key=lambda r: r["val_loss"]) if reports else None
         size = "bigram" if model_cfg.model == "bigram" else \
             f"{model_cfg.n_layer}x{model_cfg.n_head}x{model_cfg.n_embd}, {_param_count(model_cfg)}"
         steps = max((r["step"] for r in reports), default=0)
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime((run / "run.json").stat().st_mtime))
         rows.append(f"| {run.name} | {size} | {steps} | "
-                    + (f"{best['val_loss']:.4f} | {best['val_bpc']:.4f}" if best else "— | —") + f" | {when} |")
+                    + (f"{final['loss']:.4f} | {final['bits_per_char']:.4f}" if final else "— | —") + f" | {when} |")
     if not rows:
         return f"no runs in {root} (a run is a directory with a run.json, written by tinygpt train)"
-    return "\n".join(["| run | model | steps | best val loss | bits/char | date |",
-                      "|---|---|---:|---:|---:|---|", *rows])
+    table = ["| run | model | steps | val loss (whole split) | bits/char | date |", "|---|---|---:|---:|---:|---|", *rows]
+    if any("| — | — |" in row for row in rows):
+        table.append("\n—: the run has no whole-split figure yet (stopped early, or --no-final-eval); "
+                     "`tinygpt eval --ckpt RUN` computes it")
+    return "\n".join(table)
 
 
 def _param_count(m: C.ModelConfig) -> str:
