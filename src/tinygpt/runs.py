@@ -364,7 +364,8 @@ def list_runs(root: Path) -> str:
                     + (f"{final['loss']:.4f} | {final['bits_per_char']:.4f}" if final else "— | —") + f" | {when} |")
     if not rows:
         return f"no runs in {root} (a run is a directory with a run.json, written by tinygpt train)"
-    table = ["| run | model | steps | val loss (whole split) | bits/char | date |", "|---|---|---:|---:|---:|---|", *rows]
+    table = ["| run | model | steps | val loss (whole split) | bits/char | date |",
+             "|---|---|---:|---:|---:|---|", *rows]
     if any("| — | — |" in row for row in rows):
         table.append("\n—: the run has no whole-split figure yet (stopped early, or --no-final-eval); "
                      "`tinygpt eval --ckpt RUN` computes it")
