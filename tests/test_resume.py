@@ -24,7 +24,7 @@ from tinygpt.train import Stopped, train
 RESUMABLE = dict(dropout=0.1, attention="manual", batch_size=8, eval_iters=2)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_resume_after_max_iters_is_bit_exact(tiny_text_file, tmp_path, dtype):
     def args(out, max_iters):
         return tiny_args(tiny_text_file, out, **RESUMABLE, dtype=dtype, eval_interval=4, max_iters=max_iters)

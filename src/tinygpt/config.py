@@ -123,7 +123,9 @@ class TrainConfig:
     seed: int = setting(1337, "random seed for weights, batches and dropout")
     device: str = setting("auto", "auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
     dtype: str = setting(
-        "auto", "auto uses bfloat16 where it is measurably faster", choices=("auto", "float32", "bfloat16")
+        "auto", "auto: bfloat16 where the hardware has it (and, on CPU, it measures faster), float16 with loss "
+        "scaling on GPUs with fp16 tensor cores only (T4, V100), else float32",
+        choices=("auto", "float32", "bfloat16", "float16")
     )
     compile: bool = setting(False, "compile the model with torch.compile")
     threads: str = setting(

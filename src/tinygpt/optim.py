@@ -13,6 +13,9 @@ import math
 
 import torch
 
+# Where torch's fused AdamW kernel exists; elsewhere (MPS) the foreach ops below do the same update.
+FUSED_DEVICES = ("cpu", "cuda")
+
 
 class AdamW:
     def __init__(self, param_groups, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -42,7 +45,7 @@ class AdamW:
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)
-            if self.fused and params[0].device.type in ("cpu", "cuda"):
+            if self.fused and params[0].device.type in FUSED_DEVICES:
                 torch._fused_adamw_(params, grads, m, v, [], steps, lr=lr, beta1=beta1, beta2=beta2,
                                     weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
                 continue

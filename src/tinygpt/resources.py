@@ -198,11 +198,18 @@ def available_memory(device) -> int | None:
 
     CPU: MemAvailable from /proc/meminfo, or the container's cgroup limit less its usage where
     that is lower (a container sees the host's meminfo). CUDA: the free memory the driver
-    reports. Anything else (MPS): unknown, so nothing is refused."""
+    reports. MPS: the working set Metal recommends for this process less what the driver holds
+    (torch >= 2.5 says both; older: unknown). Anything else: unknown, so nothing is refused."""
     if device.type == "cuda":
         import torch
 
         return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        import torch
+
+        if not hasattr(torch.mps, "recommended_max_memory"):
+            return None
+        return max(0, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
     if device.type != "cpu":
         return None
     figures = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]

@@ -7,6 +7,7 @@ new run goes, and what `metrics.jsonl` holds.
 
     RUN/metrics.jsonl   one JSON line per loss report:
         {"step", "train_loss", "val_loss", "train_bpc", "val_bpc", "lr", "tokens_per_sec", "train_seconds"}
+      plus, in a float16 run, "loss_scale" and "skipped_steps" (overflowed steps so far, skipped)
       and at the end of a run one line with the whole-val-split figures:
         {"step", "final_val_loss", "final_val_bpc", "best_step", "last_val_loss", "elapsed", "since_start"}
       (elapsed: seconds since training started; since_start: since the command started)
@@ -268,8 +269,9 @@ def write_json_line(path: Path, record: dict) -> None:
 
 
 def append_report(path: Path, step: int, losses: dict, lr: float, tokens_per_sec: float | None,
-                  train_seconds: float, chars_per_token: dict) -> None:
-    """One loss report, in nats per token and bits per character."""
+                  train_seconds: float, chars_per_token: dict, extra: dict | None = None) -> None:
+    """One loss report, in nats per token and bits per character (`extra`: a float16 run's loss
+    scale and skipped steps)."""
     write_json_line(path, {
         "step": step,
         "train_loss": losses["train"],
@@ -279,6 +281,7 @@ def append_report(path: Path, step: int, losses: dict, lr: float, tokens_per_sec
         "lr": lr,
         "tokens_per_sec": tokens_per_sec,
         "train_seconds": train_seconds,
+        **(extra or {}),
     })
 
 

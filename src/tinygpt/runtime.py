@@ -2,9 +2,12 @@
 
 "auto" is resolved here, once, from what the machine can do — never assumed:
 - device: cuda, then mps, then cpu;
-- dtype: bfloat16 autocast on CUDA with bf16 support, and on CPUs whose bf16 matmul measures
-  faster than float32 (AMX or AVX512-BF16; checked by a short micro-benchmark, cached per
-  process); float32 elsewhere;
+- dtype (`choose_dtype`, which also says why): on CUDA, bfloat16 autocast where the GPU has
+  bf16 in hardware (compute capability 8.0 and up: A100, H100, RTX 30xx+), float16 autocast
+  with loss scaling where it has fp16 tensor cores only (7.x: V100, T4, RTX 20xx; there
+  `torch.cuda.is_bf16_supported()` says True because it counts emulation), float32 below; on
+  CPUs, bfloat16 where its matmul measures faster than float32 (AMX or AVX512-BF16; a short
+  micro-benchmark, cached per process); float32 elsewhere, MPS included;
 - attention kernel: on CUDA, PyTorch's fused `scaled_dot_product_attention`; on CPU, the plain
   matmul-softmax-matmul, which measured faster there for the head sizes and blocks of these
   models (forward and backward; see `tinygpt bench`).
@@ -71,16 +74,55 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "float32":
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cuda_facts(device: torch.device) -> tuple[tuple[int, int], bool]:
+    """(compute capability, has bf16 in hardware) of a CUDA device; tests fake this."""
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability(device), native
+
+
+def choose_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The training dtype for `--dtype name` on `device`, and why."""
+    if name != "auto":
+        return DTYPES[name], f"--dtype {name}"
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        (major, minor), native = cuda_facts(device)
+        cc = f"compute capability {major}.{minor}"
+        if native or major >= 8:
+            return torch.bfloat16, f"{cc} has bf16 in hardware"
+        if major >= 7:
+            return torch.float16, (f"{cc} has fp16 tensor cores but no bf16 (emulated bf16 is several times "
+                                   "slower): fp16 with loss scaling")
+        return torch.float32, f"{cc} has neither bf16 nor fp16 tensor cores"
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_bf16_speedup() > 1.5 else torch.float32
-    return torch.float32
+        speedup = cpu_bf16_speedup()
+        if speedup > 1.5:
+            return torch.bfloat16, f"this CPU's bf16 matmul is {speedup:.1f}x float32's (AMX or AVX512-BF16)"
+        if speedup:
+            return torch.float32, f"this CPU's bf16 matmul is only {speedup:.1f}x float32's"
+        return torch.float32, "this CPU has no bf16 units (AMX or AVX512-BF16): bf16 would be emulated, far slower"
+    return torch.float32, f"{device.type}: float32, the one dtype tinygpt has checked there"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    return choose_dtype(name, device)[0]
+
+
+def grad_scaler(dtype: torch.dtype, device: torch.device):
+    """The loss scaler of a float16 run (float16's range is narrow: small gradients underflow
+    unscaled); disabled, a no-op, in every other dtype."""
+    if dtype != torch.float16:
+        return torch.amp.GradScaler(device.type if device.type in ("cuda", "cpu") else "cpu", enabled=False)
+    try:
+        return torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise UserError(f"float16 training with loss scaling is not supported on {device.type} by this torch "
+                        f"({torch.__version__}: {str(e).splitlines()[0]}); use --dtype float32") from None
+
+
+FP16_INIT_SCALE = 2.0**16  # torch's default: the first steps find the right scale by overflowing
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -136,7 +178,7 @@ def resolve_threads(setting: str, device: torch.device) -> int | None:
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16 autocast where asked for; parameters and losses stay float32."""
+    """bf16 or fp16 autocast where asked for; parameters and losses stay float32."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

@@ -31,10 +31,14 @@ from tinygpt.evaluate import estimate_loss, final_eval, final_eval_batch
 from tinygpt.model import build_model
 from tinygpt.optim import clip_grad_norm, lr_at, make_optimizer
 from tinygpt.progress import Progress, time_probe
-from tinygpt.runtime import autocast, resolve_attention, resolve_device, resolve_dtype, resolve_threads
+from tinygpt.runtime import autocast, grad_scaler, resolve_attention, resolve_device, resolve_dtype, resolve_threads
 from tinygpt.stopping import Interrupted, SignalStop, Stopped, let_signals_in, random_state
 
 __all__ = ["train", "TrainResult", "Stopped", "DivergedError"]
+
+
+# float16: below this loss scale, gradients overflow even scaled down: the run has diverged.
+MIN_LOSS_SCALE = 1.0
 
 
 class DivergedError(UserError):
@@ -66,6 +70,7 @@ class LoopState:
     stale_reports: int = 0  # reports since the last new best (--early-stop)
     train_seconds: float = 0.0  # the training clock: optimizer steps only, no evaluation
     reported: bool = True  # this step's loss report was done before the checkpoint
+    skipped_steps: int = 0  # float16: steps whose gradients overflowed, skipped by the loss scaler
 
 
 def note_on_stderr(line: str) -> None:
@@ -83,7 +88,7 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
     s = _setup(model_cfg, cfg, dist, note)
     model_cfg, model, optimizer, sampler, state, run_dir = s.model_cfg, s.model, s.optimizer, s.sampler, s.state, \
         s.run_dir
-    device, dtype, start_step, reported_at_start = s.device, s.dtype, state.step, state.reported
+    device, dtype, start_step, reported_at_start, scaler = s.device, s.dtype, state.step, state.reported, s.scaler
     runner = dist.wrap(model, cfg.seed)
     runner = torch.compile(runner) if cfg.compile else runner
     splits = {"train": s.corpus.train, "val": s.corpus.val}
@@ -96,7 +101,7 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
     def save(is_best: bool, reported: bool = True) -> None:
         nonlocal saved_step
         state.reported = reported
-        ckpt.save_checkpoint(run_dir, state.step, model, optimizer, _state_json(state, sampler), is_best)
+        ckpt.save_checkpoint(run_dir, state.step, model, optimizer, _state_json(state, sampler, scaler), is_best)
         saved_step = state.step
 
     def report() -> None:  # step `state.step`'s loss report, its metrics line and its checkpoint
@@ -113,8 +118,10 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
             state.best_val, state.best_step = (losses["val"], step) if is_best else (state.best_val, state.best_step)
             state.stale_reports = 0 if is_best else state.stale_reports + 1
             tok_s = tokens_per_step * (step - start_step) / state.train_seconds if state.train_seconds else None
+            fp16 = {"loss_scale": scaler.get_scale(), "skipped_steps": state.skipped_steps} if scaler.is_enabled() \
+                else None
             runs.append_report(run_dir / "metrics.jsonl", step, losses, lr_at(step, cfg), tok_s, state.train_seconds,
-                               s.corpus.chars_per_token())
+                               s.corpus.chars_per_token(), fp16)
             save(is_best)
 
     if dist.world == 1:  # a signal handler needs Python to run: let it in during backward passes too
@@ -144,15 +151,24 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
 
                 phase, rewind = "train", random_state(sampler, device)
                 t0 = time.perf_counter()
-                loss = _forward_backward(runner, optimizer, sampler, lr_at(state.step, cfg), cfg, device, dtype, dist)
+                loss = _forward_backward(runner, optimizer, sampler, lr_at(state.step, cfg), cfg, device, dtype, dist,
+                                         scaler)
+                scaler.unscale_(optimizer)  # clip the true gradients (a no-op outside float16)
                 grad_norm = clip_grad_norm(model, cfg.grad_clip)
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                # float16: an overflowed gradient is the scaler's to skip; a non-finite loss is divergence
+                if not math.isfinite(loss) or not (scaler.is_enabled() or math.isfinite(grad_norm)):
                     raise _diverged(f"step {state.step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}", cfg, run_dir)
                 with stop.deferred():  # the update and the step count change together
-                    optimizer.step()
+                    scale = scaler.get_scale() if scaler.is_enabled() else None
+                    scaler.step(optimizer)  # skipped where float16 gradients overflowed
+                    scaler.update()
                     optimizer.zero_grad(set_to_none=True)
+                    state.skipped_steps += scale is not None and scaler.get_scale() < scale  # it backed off
                     state.step, phase, dt = state.step + 1, "report", time.perf_counter() - t0
                     state.train_seconds += dt
+                if scale is not None and scaler.get_scale() < MIN_LOSS_SCALE:
+                    raise _diverged(f"step {state.step}: the float16 loss scale fell to {scaler.get_scale():.3g} "
+                                    f"({state.skipped_steps} steps skipped)", cfg, run_dir)
                 progress.step(loss, tokens_per_step / dt)
                 if dist.any(stop.signum is not None):  # several processes: all stop after the same step
                     raise Interrupted
@@ -195,6 +211,7 @@ class _Setup:
     run_dir: Path
     state: LoopState
     timing: dict
+    scaler: torch.amp.GradScaler
 
 
 def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note) -> _Setup:
@@ -221,6 +238,7 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
         model.to(device)
         model.set_attention(kernel)
         optimizer = make_optimizer(model, cfg)
+    scaler = grad_scaler(dtype, device)
     sampler = BatchSampler(corpus.train, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.grad_accum,
                            rank=dist.rank, world=dist.world)
     state = LoopState()
@@ -232,7 +250,9 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
         saved = ckpt.load_training_state(latest, optimizer)
         sampler.load_state_dict(ckpt.restore_rng(saved["rng"]))
         state = LoopState(saved["step"], saved["best_val"], saved.get("best_step"), saved.get("stale_reports", 0),
-                          saved.get("train_seconds", 0.0), saved.get("reported", True))
+                          saved.get("train_seconds", 0.0), saved.get("reported", True), saved.get("skipped_steps", 0))
+        if scaler.is_enabled() and "scaler" in saved:  # the scale the run had reached: resumes exactly
+            scaler.load_state_dict(saved["scaler"])
         dist.on_main(runs.trim_metrics, run_dir / "metrics.jsonl", state.step)
         note(f"resuming {run_dir} at step {state.step}")
     else:
@@ -246,7 +266,8 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
         note(f"this run will take about {timing['total'] / 3600:.1f} h on this machine "
              f"({timing['step']:.2g} s a step, {timing['estimate']:.0f} s a loss estimate; from a timed probe). "
              "For a result in minutes: --preset cpu-quick (or cpu-10min), or a GPU")
-    return _Setup(model_cfg, tokenizer, corpus, device, dtype, model, optimizer, sampler, run_dir, state, timing)
+    return _Setup(model_cfg, tokenizer, corpus, device, dtype, model, optimizer, sampler, run_dir, state, timing,
+                  scaler)
 
 
 def _use_threads(cfg: C.TrainConfig, device, note) -> None:
@@ -258,8 +279,10 @@ def _use_threads(cfg: C.TrainConfig, device, note) -> None:
              f"{before} (--threads {before} to insist)")
 
 
-def _forward_backward(runner, optimizer, sampler, lr: float, cfg: C.TrainConfig, device, dtype, dist) -> float:
-    """One step's gradients, accumulated over its micro-batches at learning rate `lr`; the mean loss."""
+def _forward_backward(runner, optimizer, sampler, lr: float, cfg: C.TrainConfig, device, dtype, dist,
+                      scaler) -> float:
+    """One step's gradients, accumulated over its micro-batches at learning rate `lr` (scaled by
+    the float16 loss scaler, a no-op in other dtypes); the mean loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = 0.0
@@ -268,16 +291,20 @@ def _forward_backward(runner, optimizer, sampler, lr: float, cfg: C.TrainConfig,
         with dist.sync_gradients(i == len(micro_batches) - 1):
             with autocast(device, dtype):
                 _, loss = runner(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (loss / cfg.grad_accum).backward()
+            scaler.scale(loss / cfg.grad_accum).backward()
         loss_sum += loss.item()
     return loss_sum / cfg.grad_accum
 
 
-def _state_json(state: LoopState, sampler) -> dict:
-    """The loop state as a checkpoint's state.json holds it, random states included."""
-    return {"step": state.step, "best_val": state.best_val, "best_step": state.best_step,
-            "stale_reports": state.stale_reports, "rng": ckpt.rng_state(sampler.state_dict()),
-            "train_seconds": state.train_seconds, "reported": state.reported}
+def _state_json(state: LoopState, sampler, scaler) -> dict:
+    """The loop state as a checkpoint's state.json holds it, random states (and a float16 run's
+    loss scale) included."""
+    out = {"step": state.step, "best_val": state.best_val, "best_step": state.best_step,
+           "stale_reports": state.stale_reports, "rng": ckpt.rng_state(sampler.state_dict()),
+           "train_seconds": state.train_seconds, "reported": state.reported}
+    if scaler.is_enabled():
+        out |= {"scaler": scaler.state_dict(), "skipped_steps": state.skipped_steps}
+    return out
 
 
 def _final_report(result, model, corpus, model_cfg, device, dtype, state: LoopState, progress, timing, t_start,
