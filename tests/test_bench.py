@@ -47,3 +47,25 @@ def test_bench_skips_bf16_peak_without_native_bf16_units(tmp_path, monkeypatch):
 def test_peak_probe_shrinks_to_its_time_budget():
     # A budget far below one 2048^3 matmul still gives a positive figure (from a smaller size).
     assert peak_matmul_flops(torch.float32, torch.device("cpu"), budget_s=1e-4, trials=1) > 0
+
+
+def test_bench_times_each_dtype_asked_for_and_says_what_auto_picks(tmp_path, monkeypatch):
+    """What benchmarks/gpu_check.sh runs on a GPU (float16 against bfloat16 and float32), here on
+    CPU: every dtype's fast path is timed, float16 with its loss scaler, and auto's pick is named."""
+    import tinygpt.runtime as rt
+
+    monkeypatch.setattr(rt, "cpu_bf16_speedup", lambda: 0.0)  # as on a CPU without bf16 units
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_BENCH)
+    out = tmp_path / "bench.json"
+    r = cli("bench", "--preset", cfg, "--iters", 1, "--device", "cpu", "--vocab-size", 65, "--skip-plain",
+            "--dtypes", "float32,bfloat16,float16", "--json", out)
+    assert r.code == 0, r.err
+    figures = json.loads(out.read_text())
+    assert set(figures["train"]) == {"fast", "fast float32", "fast bfloat16", "fast float16"}
+    assert [figures["train"][f"fast {d}"]["dtype"] for d in ("float32", "bfloat16", "float16")] == \
+        ["float32", "bfloat16", "float16"]
+    assert figures["auto_dtype"] == "float32"
+    assert "--dtype auto: float32 (this CPU has no bf16 units" in r.out
+    bad = cli("bench", "--preset", cfg, "--dtypes", "fp8")
+    assert bad.code == 2 and "--dtypes takes float32, bfloat16, float16" in bad.err

@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_TEXT, assert_one_line_error, cli, losses_by_step, tiny_args, tiny_configs, weights
 
 from tinygpt import kernels, optim, resources, runtime, stopping
+from tinygpt.errors import UserError
 from tinygpt.train import DivergedError, train
 
 CUDA, CPU, MPS = torch.device("cuda"), torch.device("cpu"), torch.device("mps")
@@ -56,6 +57,13 @@ def test_mps_and_explicit_choices():
     assert runtime.grad_scaler(torch.float16, CPU).is_enabled()
     assert not runtime.grad_scaler(torch.bfloat16, CPU).is_enabled()
     assert not runtime.grad_scaler(torch.float32, MPS).is_enabled()
+
+
+def test_a_dtype_the_device_cannot_autocast_is_one_line():
+    """(MPS without bf16, or another backend; the meta device has no autocast at all.)"""
+    with pytest.raises(UserError, match=r"--dtype bfloat16 does not run on meta .*use --dtype float32"):
+        runtime.choose_dtype("bfloat16", torch.device("meta"))
+    assert runtime.choose_dtype("float32", torch.device("meta"))[0] == torch.float32
 
 
 def test_kernels_without_a_device_form_use_torchs_own_ops(monkeypatch):

@@ -20,10 +20,19 @@ import torch
 from tinygpt import config as C
 from tinygpt import runtime
 from tinygpt.checkpoint import atomic_write_text
+from tinygpt.errors import UserError
 from tinygpt.model import GPTLanguageModel
 from tinygpt.optim import make_optimizer
 from tinygpt.resources import disk_guard, memory_guard, what_failed
-from tinygpt.runtime import autocast, inference_dtype, resolve_attention, resolve_device, resolve_dtype
+from tinygpt.runtime import (
+    DTYPES,
+    autocast,
+    choose_dtype,
+    grad_scaler,
+    inference_dtype,
+    resolve_attention,
+    resolve_device,
+)
 
 
 def bench_settings(name: str, vocab_size: int | None = None) -> tuple[C.ModelConfig, int]:
@@ -98,11 +107,14 @@ def time_training(model_cfg: C.ModelConfig, batch: int, device, dtype, kernel: s
     x = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.block_size), device=device)
     y = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.block_size), device=device)
 
+    scaler = grad_scaler(dtype, device)  # float16 trains with its loss scaler, as `train` does
+
     def step():
         with autocast(device, dtype):
             _, loss = runner(x, y)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     t0 = time.perf_counter()
@@ -149,13 +161,14 @@ def time_sampling(model_cfg: C.ModelConfig, device, dtype, kernel: str, n_tokens
 def run_bench(args) -> int:
     device = resolve_device(args.device)
     model_cfg, batch = bench_settings(args.preset, args.vocab_size)
-    fast_dtype = resolve_dtype("auto", device)
+    fast_dtype, why = choose_dtype("auto", device)
     fast_kernel = resolve_attention("auto", device)
     n_tokens = args.sample_tokens or model_cfg.block_size - 1
     peaks = {str(d).removeprefix("torch."): peak_matmul_flops(d, device) for d in peak_dtypes(device)}
     results = {"preset": args.preset, "device": str(device), "cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": batch,
-               "model": C.to_dict(model_cfg), "peak_flops": peaks, "train": {}, "sample": {}}
+               "model": C.to_dict(model_cfg), "peak_flops": peaks, "train": {}, "sample": {},
+               "auto_dtype": str(fast_dtype).removeprefix("torch."), "auto_dtype_reason": why}
 
     paths = []
     if not args.skip_plain:
@@ -163,6 +176,10 @@ def run_bench(args) -> int:
     paths.append(("fast", fast_dtype, fast_kernel, False))
     if args.compile:
         paths.append(("fast+compile", fast_dtype, fast_kernel, True))
+    for name in filter(None, (args.dtypes or "").split(",")):  # the fast path in each dtype asked for
+        if name not in DTYPES:
+            raise UserError(f"--dtypes takes {', '.join(DTYPES)} (comma-separated), not {name!r}")
+        paths.append((f"fast {name}", DTYPES[name], fast_kernel, False))
     for name, dtype, kernel, comp in paths:
         with memory_guard(f"out of memory on {device.type} timing the {name} training path (batch {batch} x "
                           f"block {model_cfg.block_size}); bench a smaller --preset or a settings file with a "
@@ -193,6 +210,7 @@ def format_table(r: dict, n_tokens: int) -> str:
     peaks = r["peak_flops"]
     lines = [
         f"tinygpt bench — preset {r['preset']}, {r['device']} ({r['threads']} threads), torch {r['torch']}",
+        f"--dtype auto: {r['auto_dtype']} ({r['auto_dtype_reason']})",
         "peak matmul: " + ", ".join(f"{d} {f / 1e9:,.0f} GFLOP/s" for d, f in peaks.items())
         + ("" if "bfloat16" in peaks else " (no native bf16 units: bf16 not measured)"),
         "",

@@ -179,6 +179,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="also time the fast path under torch.compile (default: off)")
     p.add_argument("--skip-plain", action="store_true", help="do not time the plain path (quick checks)")
+    p.add_argument("--dtypes", default=None, metavar="LIST",
+                   help="also time the fast path in each of these dtypes, e.g. float32,bfloat16,float16 (float16 "
+                   "with its loss scaler); the table says which one auto picks and why (default: none)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="(default: 'auto')")
     p.add_argument("--json", default="bench.json", metavar="PATH", help="where to write the figures "
                    "(default: 'bench.json')")

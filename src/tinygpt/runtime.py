@@ -86,6 +86,9 @@ def cuda_facts(device: torch.device) -> tuple[tuple[int, int], bool]:
 def choose_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
     """The training dtype for `--dtype name` on `device`, and why."""
     if name != "auto":
+        if name != "float32" and device.type not in ("cpu", "cuda") and not _autocast_works(device, DTYPES[name]):
+            raise UserError(f"--dtype {name} does not run on {device.type} with this torch ({torch.__version__}): "
+                            "use --dtype float32 (or auto)")
         return DTYPES[name], f"--dtype {name}"
     if device.type == "cuda":
         (major, minor), native = cuda_facts(device)
@@ -104,6 +107,19 @@ def choose_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
             return torch.float32, f"this CPU's bf16 matmul is only {speedup:.1f}x float32's"
         return torch.float32, "this CPU has no bf16 units (AMX or AVX512-BF16): bf16 would be emulated, far slower"
     return torch.float32, f"{device.type}: float32, the one dtype tinygpt has checked there"
+
+
+def _autocast_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Can this torch autocast a matmul to `dtype` on `device` (MPS: bf16 needs macOS 14)?"""
+    if not torch.amp.is_autocast_available(device.type):
+        return False
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            x = torch.ones(2, 2, device=device)
+            (x @ x).sum().item()
+        return True
+    except (RuntimeError, TypeError):
+        return False
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
