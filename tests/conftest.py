@@ -9,19 +9,23 @@ check an error, and a finished tiny run for the tests that only read one.
     assert_one_line_error   one line on stderr, no traceback, the given fragments, the status
     trained_run             a finished tiny run (session-wide; read it, never change it)
     damaged_run             a private copy of it that a test may break
+    serving(run)            `tinygpt serve` on a free port in a real process, until the block ends
     losses_by_step, weights, assert_same_weights, snapshot: reading runs back
 """
 
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
+import time
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -126,6 +130,55 @@ def assert_one_line_error(result: Result, *fragments: str, status: int = 2, noti
     assert "Traceback" not in result.err, result.err
     for fragment in fragments:
         assert fragment in error, f"{fragment!r} not in {error!r}"
+
+
+# --- a server ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def rss_kb(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+
+@contextmanager
+def serving(run_dir: Path, *flags, timeout: float = 60):
+    """`tinygpt serve --port 0` in a subprocess; ready once it has printed its URL and /health answers."""
+    log = run_dir.parent / f"serve-{time.monotonic_ns()}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--ckpt", str(run_dir), "--port", "0",
+                                 *flags], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url, deadline = None, time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"server not ready after {timeout} s:\n{log.read_text()}"
+            if url is None:
+                found = re.search(r"API (http://127\.0\.0\.1:\d+)/v1", log.read_text())
+                url = found and found.group(1)
+            if url:
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.05)  # polling interval, not a guess at how long start-up takes
+        yield Server(url, proc, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # --- runs -------------------------------------------------------------------------------------------

@@ -7,19 +7,16 @@ over HTTP on 127.0.0.1, as a user's program would.
 import asyncio
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from conftest import TINY_TEXT, cli, tiny_configs
+from conftest import TINY_TEXT, cli, serving, tiny_configs
 
 from tinygpt.checkpoint import checkpoint_dir, load_run
 from tinygpt.cli import main
@@ -33,52 +30,6 @@ from tinygpt.train import train
 CHROMIUM = os.environ.get("TINYGPT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def rss_kb(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()
-
-
-@contextmanager
-def serving(run_dir: Path, *flags, timeout: float = 60):
-    """`tinygpt serve --port 0` in a subprocess; ready once it has printed its URL and /health answers."""
-    log = run_dir.parent / f"serve-{time.monotonic_ns()}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--ckpt", str(run_dir), "--port", "0",
-                                 *flags], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url, deadline = None, time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"server not ready after {timeout} s:\n{log.read_text()}"
-            if url is None:
-                found = re.search(r"API (http://127\.0\.0\.1:\d+)/v1", log.read_text())
-                url = found and found.group(1)
-            if url:
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.05)  # polling interval, not a guess at how long start-up takes
-        yield Server(url, proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +265,10 @@ BAD = [
     (b'{"prompt": "All:",', 400, None, "invalid_json", "not valid JSON"),
     (b"\xff\xfe", 400, None, "invalid_json", "not valid JSON"),
     (b'["All:"]', 400, None, "invalid_type", "JSON object"),
-    ({"prompt": 5}, 400, "prompt", "invalid_type", "a string or a list of strings, got 5"),
+    ({"prompt": 5}, 400, "prompt", "invalid_type", "a string, a list of strings, a list of token ids or a list "
+     "of such lists, got 5"),
+    ({"prompt": [0, 1, 10**6]}, 400, "prompt", "invalid_token_id", "token id 1000000 is not in the model's vocabulary"),
+    ({"prompt": [[1, 2], []]}, 400, "prompt", "invalid_value", "must not be empty"),
     ({"prompt": ["a", 3]}, 400, "prompt.1", "invalid_type", "valid string, got 3"),
     ({"prompt": []}, 400, "prompt", "invalid_value", "1 to 16 prompts"),
     ({"max_tokens": "10"}, 400, "max_tokens", "invalid_type", "valid integer, got '10'"),
@@ -328,13 +282,15 @@ BAD = [
     ({"top_p": 0}, 400, "top_p", "invalid_value", "greater than 0"),
     ({"top_p": 1.01}, 400, "top_p", "invalid_value", "less than or equal to 1"),
     ({"top_k": 0}, 400, "top_k", "invalid_value", "greater than or equal to 1"),
-    ({"max_tokens": 0}, 400, "max_tokens", "invalid_value", "greater than or equal to 1"),
+    ({"max_tokens": -1}, 400, "max_tokens", "invalid_value", "greater than or equal to 0"),
     ({"max_tokens": MAX_TOKENS + 1}, 400, "max_tokens", "invalid_value", f"less than or equal to {MAX_TOKENS}"),
     ({"n": 0}, 400, "n", "invalid_value", "greater than or equal to 1"),
     ({"n": 17}, 400, "n", "invalid_value", "less than or equal to 16"),
     ({"seed": -1}, 400, "seed", "invalid_value", "greater than or equal to 0"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value", "at most 4"),
-    ({"logprobs": 5}, 400, "logprobs", "unsupported_parameter", "not a parameter tinygpt serve accepts"),
+    ({"logprobs": 21}, 400, "logprobs", "invalid_value", "less than or equal to 20"),
+    ({"logprobs": -1}, 400, "logprobs", "invalid_value", "greater than or equal to 0"),
+    ({"best_of": 2}, 400, "best_of", "unsupported_parameter", "not a parameter tinygpt serve accepts"),
     ({"prompt": "Speak€ø"}, 400, "prompt", "unknown_characters", "does not know: '€', 'ø'"),
     ({"prompt": "a" * (MAX_PROMPT_CHARS + 1)}, 400, "prompt", "prompt_too_long", f"limit of {MAX_PROMPT_CHARS:,}"),
     ({"model": "gpt-4"}, 404, "model", "model_not_found", "'gpt-4' is not served here"),

@@ -12,6 +12,7 @@ before (plain causal attention when Tq == Tk). A mask comes from the decode engi
 hold sequences of different lengths.
 """
 
+import contextlib
 import math
 
 import torch
@@ -72,6 +73,27 @@ class Dropout(nn.Dropout):
 # --- attention -----------------------------------------------------------------------------------
 
 
+_recording: list[list[torch.Tensor]] = []
+
+
+@contextlib.contextmanager
+def recording_attention():
+    """Inside, every attention computed by the manual or reference kernel appends its
+    probabilities, (B, nh, Tq, Tk), to the list this yields: the very tensor the forward
+    multiplies the values by, one per layer in order (`/v1/inspect` shows them)."""
+    records: list[torch.Tensor] = []
+    _recording.append(records)
+    try:
+        yield records
+    finally:
+        _recording.remove(records)
+
+
+def _record(att: torch.Tensor) -> None:
+    if _recording:
+        _recording[-1].append(att.detach())
+
+
 def attention(kernel: str, q, k, v, mask=None, dropout_p: float = 0.0, drop: nn.Module | None = None):
     """Softmax(q k^T / sqrt(hs)) v with the causal (or given) mask, by the named kernel."""
     if kernel == "reference":
@@ -92,14 +114,17 @@ def reference_attention(q, k, v, mask=None, dropout: nn.Module | None = None):
     """The lecture's attention, one head at a time. Slow and plain: the yardstick for tests."""
     t_q, t_k, hs = q.shape[-2], k.shape[-2], q.shape[-1]
     allowed = causal_mask(t_q, t_k, q.device) if mask is None else mask[:, 0]  # (Tq, Tk) or (B, Tq, Tk)
-    heads = []
+    heads, weights = [], []
     for h in range(q.shape[1]):
         wei = q[:, h] @ k[:, h].transpose(-2, -1) * hs**-0.5  # (B, Tq, Tk)
         wei = wei.masked_fill(~allowed, float("-inf"))
         wei = F.softmax(wei, dim=-1)
+        weights.append(wei)
         if dropout is not None:
             wei = dropout(wei)
         heads.append(wei @ v[:, h])  # (B, Tq, hs)
+    if _recording:
+        _record(torch.stack(weights, dim=1))
     return torch.stack(heads, dim=1)  # (B, nh, Tq, hs)
 
 
@@ -119,6 +144,7 @@ def manual_attention(q, k, v, mask=None, dropout_p: float = 0.0):
     else:  # one query (a decoding step) that sees every key: no mask
         att = (q @ k.transpose(-2, -1)) * hs**-0.5
     att = F.softmax(att, dim=-1)  # bf16 softmax accumulates in float32
+    _record(att)
     if dropout_p > 0 and torch.compiler.is_compiling():
         return F.dropout(att, dropout_p, training=True) @ v
     if dropout_p > 0:

@@ -15,6 +15,7 @@ MAX_TOKENS = 4096  # tokens generated per choice
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 16  # prompts per request
 MAX_STOP = 4  # stop sequences, as OpenAI
+MAX_LOGPROBS = 20  # alternatives per position, as OpenAI's legacy completions
 
 
 class ApiError(Exception):
@@ -44,8 +45,10 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str | None = Field(None, description="the served run's name; may be left out")
-    prompt: str | list[str] = Field("", description="text to continue, or a list of texts (one choice set each)")
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="tokens to generate per choice (16)")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        "", description="text to continue, a list of texts (one choice set each), token ids, or a list of those")
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS,
+                                   description="tokens to generate per choice (16); 0 with echo scores the prompt")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = always the most likely token (1)")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass (1 = off)")
     top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens (off)")
@@ -55,11 +58,18 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} strings that end a choice")
     stream: bool | None = Field(None, description="server-sent events, one chunk per token")
     stream_options: StreamOptions | None = None
-    echo: bool | None = Field(None, description="put the prompt in front of the completion")
+    echo: bool | None = Field(None, description="put the prompt in front of the completion (and its logprobs)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="return each token's log-probability and this many most likely "
+                                 "alternatives per position (0: the chosen token's only)")
     user: str | None = Field(None, description="accepted for compatibility; unused")
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a text, or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+            return [p]
+        return list(p)
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -73,13 +83,13 @@ Finish = Literal["stop", "length"]
 # a union lists one complaint per member, which reads worse than one sentence).
 EXPECTED = {
     "model": "a string",
-    "prompt": "a string or a list of strings",
+    "prompt": "a string, a list of strings, a list of token ids or a list of such lists",
     "stop": f"a string or a list of up to {MAX_STOP} strings",
     "stream_options": 'an object such as {"include_usage": true}',
 }
 
 
-UNION_TAGS = {"str", "list[str]"}
+UNION_TAGS = {"str", "list[str]", "list[int]", "list[list[int]]"}
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
@@ -94,6 +104,8 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     if len(stops) > MAX_STOP or any(s == "" for s in stops):
         raise ApiError(400, f"stop: give at most {MAX_STOP} non-empty strings", "stop", "invalid_value")
     for p in prompts:
+        if isinstance(p, list) and not p:
+            raise ApiError(400, "prompt: a list of token ids must not be empty", "prompt", "invalid_value")
         if len(p) > MAX_PROMPT_CHARS:
             raise ApiError(400, f"prompt is {len(p):,} characters, over the limit of {MAX_PROMPT_CHARS:,}; "
                            "shorten it (the model reads only its last block_size tokens)", "prompt",
@@ -101,7 +113,7 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     return req
 
 
-def _api_error(errors: list[dict]) -> ApiError:
+def _api_error(errors: list[dict], model: type[BaseModel] = CompletionRequest) -> ApiError:
     # The first field at fault; of a union's complaints about it, the one that looked deepest
     # (["a", 3] for a prompt: item 1 is not a string, rather than "not a string").
     first = max((e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]), key=lambda e: len(e["loc"]))
@@ -112,7 +124,7 @@ def _api_error(errors: list[dict]) -> ApiError:
         return ApiError(400, "the body must be a JSON object of completion parameters", None, "invalid_type")
     field = str(first["loc"][0])
     if first["type"] == "extra_forbidden":
-        known = ", ".join(CompletionRequest.model_fields)
+        known = ", ".join(model.model_fields)
         return ApiError(400, f"{field} is not a parameter tinygpt serve accepts; use: {known}", field,
                         "unsupported_parameter")
     # pydantic names the member of a union it tried ("str", "list[str]") in the location; drop it
@@ -128,3 +140,45 @@ def _api_error(errors: list[dict]) -> ApiError:
 def _short(value, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, in vLLM's shape: text to token ids."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="the served run's name; may be left out")
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="the text to encode")
+    add_special_tokens: bool = Field(False, description="accepted for compatibility: tinygpt adds none")
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize, in vLLM's shape: token ids to text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="the served run's name; may be left out")
+    tokens: list[int] = Field(..., max_length=MAX_PROMPT_CHARS, description="the token ids to decode")
+
+
+def parse_body(model: type[BaseModel], body: bytes):
+    """`body` as `model`, or an ApiError(400) naming the first thing wrong (as for completions)."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise _api_error(e.errors(include_url=False), model) from None
+
+
+MAX_INSPECT_TOP = 20
+
+
+class InspectRequest(BaseModel):
+    """POST /v1/inspect (tinygpt's own): what the model believes at each position of a text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="the served run's name; may be left out")
+    text: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS,
+                      description="the text to inspect: at most block_size tokens")
+    top: int = Field(5, ge=1, le=MAX_INSPECT_TOP, description="alternatives to list per position")
+    attention: bool = Field(True, description="include every layer's and head's attention probabilities")

@@ -11,6 +11,7 @@ still in that shape, never a traceback).
 
 import asyncio
 import json
+import math
 import secrets
 import time
 import uuid
@@ -25,7 +26,18 @@ from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tinygpt.serve.api import MAX_BODY_BYTES, ApiError, CompletionRequest, parse_completion_request
+from tinygpt.resources import is_out_of_memory
+from tinygpt.scoring import inspect, token_logprobs
+from tinygpt.serve.api import (
+    MAX_BODY_BYTES,
+    ApiError,
+    CompletionRequest,
+    DetokenizeRequest,
+    InspectRequest,
+    TokenizeRequest,
+    parse_body,
+    parse_completion_request,
+)
 from tinygpt.serve.worker import Busy, Event, Sequence, Worker
 
 STATIC = Path(__file__).parent / "static"
@@ -87,14 +99,65 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
             raise _unknown_model(name, model_id)
         return served.card
 
+    @app.get("/tokenizer_info", dependencies=auth)
+    async def tokenizer_info():
+        return tokenizer_card(served.tokenizer, served.model.config.block_size)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(request: Request):
+        req = parse_body(TokenizeRequest, await read_body(request))
+        check_model(req.model)
+        tokens = encode_prompt(served.tokenizer, req.prompt) if req.prompt else []
+        return {"count": len(tokens), "max_model_len": served.model.config.block_size, "tokens": tokens,
+                "token_strs": [served.tokenizer.decode([t]) for t in tokens]}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(request: Request):
+        req = parse_body(DetokenizeRequest, await read_body(request))
+        check_model(req.model)
+        ids, text = prompt_ids(served.tokenizer, req.tokens) if req.tokens else ([], "")
+        return {"prompt": text}
+
+    @app.post("/v1/inspect", dependencies=auth)
+    async def inspect_text(request: Request):
+        req = parse_body(InspectRequest, await read_body(request))
+        check_model(req.model)
+        ids = encode_prompt(served.tokenizer, req.text)
+        block = served.model.config.block_size
+        if len(ids) > block:
+            raise ApiError(400, f"text is {len(ids)} tokens; /v1/inspect reads at most block_size = {block} "
+                           "(the most one forward pass sees): send a shorter text", "text", "text_too_long")
+        found = await run_on_worker(worker, asyncio.get_running_loop(), lambda: inspect_ids(served, ids, req))
+        decode = served.tokenizer.decode
+        positions = [{"token": decode([t]), "id": t,
+                      "next_logprob": lp, "next_prob": None if lp is None else math.exp(lp),
+                      "top": [{"token": decode([i]), "id": i, "logprob": v, "prob": math.exp(v)} for i, v in tops]}
+                     for t, lp, tops in zip(found["ids"], found["logprobs"], found["top"])]
+        layers = found.get("attention")
+        return {"object": "inspection", "model": model_id, "text": decode(ids), "tokens": positions,
+                "attention": layers, "n_layer": len(layers or []),
+                "n_head": len(layers[0]) if layers else 0}
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_id:
+            raise _unknown_model(name, model_id)
+
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
         req = parse_completion_request(await read_body(request))
         if req.model is not None and req.model != model_id:
             raise _unknown_model(req.model, model_id)
-        prompts = req.prompts()
-        ids = [encode_prompt(served.tokenizer, p) for p in prompts]
-        seqs = make_sequences(req, ids, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        prompts = [prompt_ids(served.tokenizer, p) for p in req.prompts()]  # (ids, text) each
+        n, max_tokens = req.n or 1, 16 if req.max_tokens is None else req.max_tokens
+        choices = [Choice(i * n + j, text if req.echo else "", 0 if req.echo else len(text), served.tokenizer,
+                          req.logprobs) for i, (_, text) in enumerate(prompts) for j in range(n)]
+        if req.echo and req.logprobs is not None:  # the prompt scored, on the worker's thread
+            scored = await run_on_worker(worker, loop, lambda: [
+                score_prompt(served.model, served.device, ids, req.logprobs) if text else [] for ids, text in prompts])
+            for c in choices:
+                c.prompt_entries = scored[c.index // n]
+        seqs = make_sequences(req, [ids for ids, _ in prompts], max_tokens, loop) if max_tokens else []
         try:
             worker.submit(seqs)
         except Busy as e:
@@ -102,15 +165,14 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
                            "rate_limit_error") from None
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_id}
-        prefixes = [prompts[s.index // (req.n or 1)] if req.echo else "" for s in seqs]
-        prompt_tokens = sum(len(served.tokenizer.encode(p)) for p in prompts)
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(worker, seqs, head, prefixes, prompt_tokens, include_usage),
+            return StreamingResponse(stream(worker, seqs, head, choices, prompt_tokens, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(worker.cancel, seqs))  # if never started
-        return await collect(request, worker, seqs, head, prefixes, prompt_tokens)
+        return await collect(request, worker, seqs, head, choices, prompt_tokens)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -119,7 +181,8 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        routes = "GET /, GET /health, GET /v1/models, POST /v1/completions"
+        routes = ("GET /, GET /health, GET /v1/models, POST /v1/completions, POST /v1/inspect, GET /tokenizer_info, "
+                  "POST /tokenize, POST /detokenize")
         message = {404: f"no such path {request.url.path}; the server answers {routes}",
                    405: f"{request.method} is not allowed on {request.url.path}; the server answers {routes}"}
         return JSONResponse(ApiError(e.status_code, message.get(e.status_code, str(e.detail)), None,
@@ -149,6 +212,21 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def tokenizer_card(tokenizer, block_size: int) -> dict:
+    """GET /tokenizer_info, in vLLM's shape. A character vocabulary has no special tokens, so the
+    end of a text is said to be a newline (where there is one): what the harness conditions a
+    rolling perplexity's first token on, and adds to a generation's stop sequences."""
+    from tinygpt.hf import END_OF_TEXT
+
+    if tokenizer.kind == "bpe" and tokenizer.hf.token_to_id(END_OF_TEXT) is not None:
+        eos = END_OF_TEXT
+    else:
+        eos = "\n" if not tokenizer.unknown("\n") else tokenizer.decode([0])
+    return {"tokenizer_class": f"tinygpt.{type(tokenizer).__name__}", "kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size, "model_max_length": block_size, "eos_token": eos,
+            "bos_token": None, "pad_token": None, "unk_token": None, "chat_template": None}
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of `prompt`; 400 naming the characters the tokenizer does not know."""
     unknown = tokenizer.unknown(prompt)
@@ -160,19 +238,80 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(prompt) or [0]  # an empty prompt starts from token 0, as tinygpt sample
 
 
-def make_sequences(req: CompletionRequest, ids: list[list[int]], loop) -> list[Sequence]:
+def prompt_ids(tokenizer, prompt: str | list[int]) -> tuple[list[int], str]:
+    """(token ids, text) of a prompt given as text or as token ids (400 for an id out of range)."""
+    if isinstance(prompt, str):
+        return encode_prompt(tokenizer, prompt), prompt
+    bad = [i for i in prompt if not 0 <= i < tokenizer.vocab_size]
+    if bad:
+        raise ApiError(400, f"prompt: token id {bad[0]} is not in the model's vocabulary (0 to "
+                       f"{tokenizer.vocab_size - 1}); GET /tokenizer_info describes it, POST /tokenize encodes text",
+                       "prompt", "invalid_token_id")
+    return list(prompt), tokenizer.decode(prompt)
+
+
+def inspect_ids(served: Served, ids: list[int], req: InspectRequest) -> dict:
+    with torch.autocast(served.device.type, enabled=False):  # float32: the model's own numbers
+        return inspect(served.model, ids, req.top, req.attention)
+
+
+def score_prompt(model, device, ids: list[int], top: int) -> list[tuple]:
+    """(id, log-prob, top alternatives) of every prompt token, in float32 (None for the first)."""
+    with torch.autocast(device.type, enabled=False):
+        lp = token_logprobs(model, ids, top)
+    return [(i, c, (lp.top[k] if top else {}) if k else None) for k, (i, c) in enumerate(zip(lp.ids, lp.chosen))]
+
+
+async def run_on_worker(worker: Worker, loop, fn):
+    """`fn()` on the worker's thread; running out of memory there is a 503, as in generation."""
+    try:
+        return await worker.call(fn, loop)
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise ApiError(503, "the server ran out of memory scoring the prompt; retry, or send a shorter one",
+                           None, "server_overloaded", "server_overloaded") from None
+        raise
+
+
+class Choice:
+    """One choice of the answer: its text so far, and its OpenAI `logprobs` object, whose
+    `text_offset` counts from the start of the prompt (as OpenAI's legacy completions do)."""
+
+    def __init__(self, index: int, prefix: str, offset: int, tokenizer, logprobs: int | None):
+        self.index, self.text, self.offset = index, prefix, offset
+        self.tokenizer, self.want = tokenizer, logprobs
+        self.prompt_entries: list = []
+        self.finish: str | None = None
+
+    def logprobs(self, entries: list | None) -> dict | None:
+        """The `logprobs` object of `entries` (id, log-prob, top), continuing this choice's offsets."""
+        if self.want is None:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, lp, top in entries or []:
+            piece = self.tokenizer.decode([token])
+            out["tokens"].append(piece)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(None if top is None else {self.tokenizer.decode([i]): v
+                                                                 for i, v in top.items()})
+            out["text_offset"].append(self.offset)
+            self.offset += len(piece)
+        return out
+
+
+def make_sequences(req: CompletionRequest, ids: list[list[int]], max_tokens: int, loop) -> list[Sequence]:
     """One Sequence per choice, numbered as OpenAI does: prompt i's choice j is index i * n + j."""
     n = req.n or 1
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     queue: asyncio.Queue = asyncio.Queue()
     temperature = 1.0 if req.temperature is None else req.temperature
-    return [Sequence(i * n + j, prompt_ids, req.max_tokens or 16, temperature, req.top_k, req.top_p, seed + j,
-                     req.stops(), loop, queue)
+    return [Sequence(i * n + j, prompt_ids, max_tokens, temperature, req.top_k, req.top_p, seed + j,
+                     req.stops(), loop, queue, logprobs=req.logprobs)
             for i, prompt_ids in enumerate(ids) for j in range(n)]
 
 
-def _choice(event: Event) -> dict:
-    return {"text": event.text, "index": event.index, "logprobs": None, "finish_reason": event.finish}
+def _choice(index: int, text: str, finish: str | None, logprobs: dict | None) -> dict:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -185,25 +324,27 @@ def _server_error(message: str, status: int = 500) -> dict:
     return ApiError(status, message, None, kind, kind).body()
 
 
-async def stream(worker: Worker, seqs: list[Sequence], head: dict, prefixes: list[str], prompt_tokens: int,
+async def stream(worker: Worker, seqs: list[Sequence], head: dict, choices: list[Choice], prompt_tokens: int,
                  include_usage: bool):
     """Server-sent events in OpenAI's chunk format: one chunk per piece of text, then [DONE]."""
 
     def sse(body: dict) -> str:
         return f"data: {json.dumps(body)}\n\n"
 
-    queue = seqs[0].queue
     try:
-        for i, prefix in enumerate(prefixes):
-            if prefix:
-                yield sse({**head, "choices": [_choice(Event(i, prefix))]})
+        for c in choices:  # the echoed prompt (or, with max_tokens 0, the whole answer)
+            if c.text or c.prompt_entries or not seqs:
+                yield sse({**head, "choices": [_choice(c.index, c.text, None if seqs else "length",
+                                                       c.logprobs(c.prompt_entries))]})
         remaining, completion_tokens = len(seqs), 0
         while remaining:
-            events = await take_all(queue)
+            events = await take_all(seqs[0].queue)
             if any(e.error for e in events):
                 yield sse(_server_error(next(e.error for e in events if e.error)))
                 return
-            yield "".join(sse({**head, "choices": [_choice(e)]}) for e in events)
+            yield "".join(sse({**head, "choices": [_choice(e.index, e.text, e.finish,
+                                                           choices[e.index].logprobs(e.logprobs))]})
+                          for e in events)
             for e in events:
                 if e.finish:
                     remaining -= 1
@@ -228,21 +369,24 @@ async def take_all(queue: asyncio.Queue) -> list[Event]:
     for e in events:
         if e.index in merged:
             m = merged[e.index]
-            e = Event(e.index, m.text + e.text, e.finish, e.tokens, e.error, e.status)
+            logprobs = None if m.logprobs is None and e.logprobs is None else (m.logprobs or []) + (e.logprobs or [])
+            e = Event(e.index, m.text + e.text, e.finish, e.tokens, e.error, e.status, logprobs)
         merged[e.index] = e
     return list(merged.values())
 
 
-async def collect(request: Request, worker: Worker, seqs: list[Sequence], head: dict, prefixes: list[str],
+async def collect(request: Request, worker: Worker, seqs: list[Sequence], head: dict, choices: list[Choice],
                   prompt_tokens: int):
     """The whole completion as one JSON answer, with usage counts."""
-    queue = seqs[0].queue
-    texts, finishes = list(prefixes), [None] * len(seqs)
+    entries = [list(c.prompt_entries) for c in choices]
     remaining, completion_tokens = len(seqs), 0
+    if not seqs:  # max_tokens 0: the prompt (scored) is the answer
+        for c in choices:
+            c.finish = "length"
     gone = asyncio.ensure_future(disconnected(request))
     try:
         while remaining:
-            events = asyncio.ensure_future(take_all(queue))
+            events = asyncio.ensure_future(take_all(seqs[0].queue))
             await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
             if gone.done():  # nobody to answer: stop generating for them
                 events.cancel()
@@ -250,16 +394,17 @@ async def collect(request: Request, worker: Worker, seqs: list[Sequence], head: 
             for e in events.result():
                 if e.error:
                     return JSONResponse(_server_error(e.error, e.status), status_code=e.status)
-                texts[e.index] += e.text
+                choices[e.index].text += e.text
+                entries[e.index] += e.logprobs or []
                 if e.finish:
-                    finishes[e.index] = e.finish
+                    choices[e.index].finish = e.finish
                     remaining -= 1
                     completion_tokens += e.tokens
     finally:
         gone.cancel()
         worker.cancel(seqs)
-    choices = [_choice(Event(i, t, f)) for i, (t, f) in enumerate(zip(texts, finishes))]
-    return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+    out = [_choice(c.index, c.text, c.finish, c.logprobs(e)) for c, e in zip(choices, entries)]
+    return {**head, "choices": out, "usage": _usage(prompt_tokens, completion_tokens)}
 
 
 async def disconnected(request: Request) -> None:

@@ -16,7 +16,7 @@ import collections
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ from tinygpt.engine import DecodeEngine
 from tinygpt.resources import is_out_of_memory
 from tinygpt.runtime import autocast
 from tinygpt.sampling import sample_next_token
+from tinygpt.scoring import logprobs_of_next
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Event:
     tokens: int = 0  # tokens generated, on the last event
     error: str | None = None
     status: int = 500  # of an error: 503 when the server ran out of memory (retry later, or ask for less)
+    logprobs: list | None = None  # with `logprobs` asked for: (token id, its log-prob, {id: log-prob} of the top)
 
 
 @dataclass(eq=False)
@@ -53,6 +55,7 @@ class Sequence:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     cancelled: bool = False  # set from the event loop when the client is gone; read by the worker
+    logprobs: int | None = None  # report each token's log-prob and this many alternatives
 
 
 def post(items: list[tuple[Sequence, Event]]) -> None:
@@ -128,6 +131,7 @@ class _Active:
     generator: torch.Generator
     logits: torch.Tensor  # next-token logits, (vocab,)
     generated: int = 0
+    entries: list = field(default_factory=list)  # log-probs of tokens not yet sent
 
 
 class Busy(Exception):
@@ -147,6 +151,7 @@ class Worker:
         self.waiting: collections.deque[Sequence] = collections.deque()  # guarded by cv
         self.free_slots = list(range(max_batch))[::-1]  # guarded by cv
         self.active: dict[int, _Active] = {}  # slot -> its sequence; the worker thread's alone
+        self.jobs: collections.deque = collections.deque()  # (fn, loop, future): model work besides decoding
         self.cv = threading.Condition()
         self.stopping = False
         self.finished = self.cancelled = 0  # sequences completed, and dropped because their client left
@@ -171,6 +176,15 @@ class Worker:
             self.waiting.extend(seqs)
             self.cv.notify()
 
+    def call(self, fn, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """Run `fn()` (scoring a prompt) on the worker thread, between decoding steps: the model
+        is only ever used from one thread. The future gets its result or its exception."""
+        future = loop.create_future()
+        with self.cv:
+            self.jobs.append((fn, loop, future))
+            self.cv.notify()
+        return future
+
     def cancel(self, seqs: list[Sequence]) -> None:
         """The client is gone: its sequences stop at the next step and free their slots."""
         for s in seqs:
@@ -186,10 +200,12 @@ class Worker:
         with torch.inference_mode(), autocast(self.device, self.dtype):
             while True:
                 with self.cv:
-                    while not self.stopping and not self.waiting and not self.active:
+                    while not self.stopping and not self.waiting and not self.active and not self.jobs:
                         self.cv.wait()
                     if self.stopping:
                         return
+                    jobs = list(self.jobs)
+                    self.jobs.clear()
                     admitted = []
                     while self.waiting and self.free_slots:
                         seq = self.waiting.popleft()
@@ -197,6 +213,8 @@ class Worker:
                             self.cancelled += 1
                         else:
                             admitted.append((self.free_slots.pop(), seq))
+                for fn, loop, future in jobs:
+                    _run_job(fn, loop, future)
                 for slot, seq in admitted:  # in `active` before prefill, so a failure reaches them too
                     generator = torch.Generator(device=self.device).manual_seed(seq.seed)
                     self.active[slot] = _Active(seq, TextStream(self.decode, seq.stop), generator, None)
@@ -216,6 +234,8 @@ class Worker:
                     self._fail_all("generation failed on the server; see its log")
 
     def _step(self) -> None:
+        if not self.active:
+            return
         """Sample one token for every active sequence, then advance them all in one forward."""
         tokens, outbox = {}, []
         for slot, a in list(self.active.items()):
@@ -226,12 +246,15 @@ class Worker:
                 continue
             token = int(sample_next_token(a.logits[None], a.generator, seq.temperature, seq.top_k, seq.top_p))
             a.generated += 1
+            if seq.logprobs is not None:  # the distribution the token was drawn from, before temperature
+                a.entries.append((token, *logprobs_of_next(a.logits, token, seq.logprobs)))
             text, stopped = a.text.push(token)
             finish = "stop" if stopped else "length" if a.generated >= seq.max_tokens else None
             if finish == "length":
                 text += a.text.flush()
-            if text or finish:
-                outbox.append((seq, Event(seq.index, text, finish, a.generated if finish else 0)))
+            if text or finish or a.entries:
+                entries, a.entries = (a.entries, []) if seq.logprobs is not None else (None, a.entries)
+                outbox.append((seq, Event(seq.index, text, finish, a.generated if finish else 0, logprobs=entries)))
             if finish:
                 self.finished += 1
                 self._release(slot)
@@ -258,3 +281,21 @@ class Worker:
             except Exception:  # the engine itself is broken; the slot is still ours to reuse
                 self.active.pop(slot, None)
                 self.free_slots.append(slot)
+
+
+def _run_job(fn, loop, future) -> None:
+    """Run one job and hand its outcome to the event loop (an exception too: the handler answers it)."""
+    try:
+        result, error = fn(), None
+    except Exception as e:  # noqa: BLE001 - the request's handler decides what the client sees
+        result, error = None, e
+    loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
