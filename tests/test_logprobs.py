@@ -2,6 +2,7 @@
 `tinygpt.scoring` and in the server's OpenAI fields (`logprobs`, `echo`, `max_tokens: 0`, token-id
 prompts); the tokenizer over HTTP in vLLM's shape; `/v1/inspect`'s probabilities and attention."""
 
+import ast
 import json
 import math
 
@@ -191,3 +192,46 @@ def test_inspect_shows_the_forwards_own_probabilities_and_attention(server, char
 def test_inspect_refuses_bad_input_in_one_sentence(server, body, status, code):
     r = httpx.post(server.url + "/v1/inspect", json=body)
     assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+
+
+def test_sample_show_probs_prints_the_models_own_probabilities(char_run):
+    from conftest import cli
+
+    model, tok = load_run(char_run, "best")
+    r = cli("sample", "--ckpt", char_run, "--prompt", "All:", "--max-new-tokens", 10, "--show-probs", "--seed", 3)
+    assert r.code == 0, r.err
+    text, _, table = r.out.partition("\n\ntoken\tprobability\tthe model's top 3\n")
+    rows = [line.split("\t") for line in table.splitlines()]
+    assert len(rows) == 10 and "".join(ast.literal_eval(row[0]) for row in rows) == text[len("All:"):]
+    lp = token_logprobs(model, tok.encode(text), top=3)
+    for i, row in enumerate(rows):
+        assert float(row[1]) == pytest.approx(math.exp(lp.chosen[len("All:") + i]), abs=1e-4)
+        assert len(row[2].split("  ")) == 3
+    bad = cli("sample", "--ckpt", char_run, "--show-probs", "--num-samples", 2)
+    assert bad.code == 2 and "--show-probs shows one sample's probabilities" in bad.err
+
+
+def test_show_probs_colours_the_text_on_a_terminal(char_run, monkeypatch):
+    import io
+    import re
+
+    from tinygpt.cli import PROB_COLOURS, show_probs
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    model, tok = load_run(char_run, "best")
+    out = Terminal()
+    show_probs(model, tok, tok.encode("All:"), tok.encode("\nSpeak"), out)
+    painted, legend = out.getvalue().split("probability: ")
+    assert re.sub(r"\x1b\[[0-9;]*m", "", painted) == "\nSpeak\n"
+    lp = token_logprobs(model, tok.encode("All:\nSpeak"))
+    expected = [next(c for limit, c in PROB_COLOURS if math.exp(x) < limit) for x in lp.chosen[len("All:"):]]
+    assert [int(c) for c in re.findall(r"\x1b\[48;5;(\d+)m", painted)] == expected  # one colour per token
+    assert legend.count("\x1b[48;5;") == len(PROB_COLOURS)
+    monkeypatch.setenv("NO_COLOR", "1")
+    plain = Terminal()
+    show_probs(model, tok, tok.encode("All:"), tok.encode("\nSpeak"), plain)
+    assert "\x1b[" not in plain.getvalue() and "token\tprobability" in plain.getvalue()

@@ -275,6 +275,8 @@ def cmd_sample(args) -> int:
         prompt = "".join(ch for ch in prompt if ch not in set(unknown))
         sys.stderr.write(f"dropped unknown character(s) from the prompt: {', '.join(map(repr, unknown))}\n")
     ids = tokenizer.encode(prompt) or [0]  # an empty prompt starts from token 0, as the lecture
+    if cfg.show_probs and cfg.num_samples != 1:
+        raise UserError("--show-probs shows one sample's probabilities; use --num-samples 1")
     say_which(args.ckpt, args.which)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # all samples: one batch
@@ -300,12 +302,46 @@ def cmd_sample(args) -> int:
                     shown = text
     if stream:
         out.write(tokenizer.decode(new[0])[len(shown):] + "\n")
+        if cfg.show_probs:
+            show_probs(model, tokenizer, ids, new[0], out)
         return 0
     for i, row in enumerate(new):
         if i:
             out.write("\n---------------\n")
         out.write(prompt + tokenizer.decode(row) + "\n")
     return 0
+
+
+# Probability buckets and their terminal colours (256-colour backgrounds, dark text): red is a
+# surprise to the model, green what it expected.
+PROB_COLOURS = ((0.05, 196), (0.2, 208), (0.5, 220), (0.8, 148), (1.01, 40))
+
+
+def show_probs(model, tokenizer, prompt_ids: list[int], new: list[int], out) -> None:
+    """How likely the model found each generated token (its own distribution, before temperature
+    and filtering) and its three favourites: the text coloured by probability on a terminal,
+    else one line per token."""
+    import math
+
+    from tinygpt.scoring import token_logprobs
+
+    lp = token_logprobs(model, prompt_ids + new, top=3)
+    start = len(prompt_ids)
+    rows = [(tokenizer.decode([t]), math.exp(lp.chosen[start + i]),
+             [(tokenizer.decode([k]), math.exp(v)) for k, v in lp.top[start + i].items()])
+            for i, t in enumerate(new)]
+    if out.isatty() and "NO_COLOR" not in os.environ:
+        def paint(piece: str, p: float) -> str:
+            colour = next(c for limit, c in PROB_COLOURS if p < limit)
+            return f"\x1b[48;5;{colour}m\x1b[38;5;16m{piece}\x1b[0m"
+
+        out.write("".join(paint(piece, p) for piece, p, _ in rows) + "\n")
+        out.write("probability: " + " ".join(paint(f" <{limit:g} ", limit - 0.01) for limit, _ in PROB_COLOURS[:-1])
+                  + " " + paint(" >=0.8 ", 0.9) + "\n")
+        return
+    out.write("\ntoken\tprobability\tthe model's top 3\n")
+    for piece, p, top in rows:
+        out.write(f"{piece!r}\t{p:.4f}\t" + "  ".join(f"{k!r} {v:.4f}" for k, v in top) + "\n")
 
 
 def say_which(run_dir, which: str) -> None:

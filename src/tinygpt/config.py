@@ -158,6 +158,8 @@ class SampleConfig:
     seed: int = setting(1337, "random seed: the same seed gives the same text")
     drop_unknown: bool = setting(False, "drop prompt characters the tokenizer does not know instead of refusing")
     kv_cache: bool = setting(True, "reuse attention keys/values between steps (GPT)")
+    show_probs: bool = setting(False, "after the text, how likely the model found each generated token and what "
+                               "else it considered (coloured on a terminal; a table otherwise)")
 
     def __post_init__(self):
         check_fields(self)
