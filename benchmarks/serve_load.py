@@ -8,6 +8,12 @@ POST /v1/completions. A round starts every client at once and ends when the last
 chars/s is all the text received divided by the round's wall time, the median over --rounds
 (after one warm-up round per concurrency). Prints a markdown table and writes the raw figures
 as JSON.
+
+    python benchmarks/serve_load.py --ckpt runs/mine --score 100 --clients   # scoring only
+
+`--score N` also times N scoring requests one after the other, what lm-eval sends for a
+log-likelihood: `max_tokens: 0`, `echo`, `logprobs: 1`, a 64-character prompt each, and beside
+it (with --ckpt) one forward pass of the model over the same 64 tokens in this process.
 """
 
 import argparse
@@ -32,7 +38,7 @@ def server(args):
         yield args.url.rstrip("/")
         return
     cmd = [sys.executable, "-m", "tinygpt", "serve", "--ckpt", args.ckpt, "--port", "0", "--max-batch",
-           str(max(args.clients))]
+           str(max(args.clients, default=16))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:  # the first line names the URL; the rest is uvicorn's log
@@ -93,12 +99,43 @@ async def one_round(url: str, clients: int, max_tokens: int, prompt: str, round_
             "first_char_sec": statistics.median(f for _, f in results)}
 
 
+def score(url: str, n: int, ckpt: str | None) -> dict:
+    """N scoring requests in a row (after 3 warm-ups); with a run directory, a forward of the model
+    over the same tokens here, for comparison."""
+    text = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 4)[:64]
+    body = {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1}
+    with httpx.Client(timeout=60) as client:
+        for _ in range(3):
+            client.post(url + "/v1/completions", json=body).raise_for_status()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            client.post(url + "/v1/completions", json=body).raise_for_status()
+        seconds = (time.perf_counter() - t0) / n
+    forward_ms = None
+    if ckpt:
+        import torch
+
+        from tinygpt.checkpoint import load_run
+
+        model, tok = load_run(ckpt, "best")
+        idx = torch.tensor([tok.encode(text)[-model.config.block_size:]])
+        with torch.no_grad():
+            for _ in range(3):
+                model(idx)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                model(idx)
+        forward_ms = (time.perf_counter() - t0) / n * 1000
+    return {"requests": n, "requests_per_sec": 1 / seconds, "ms_per_request": seconds * 1000, "forward_ms": forward_ms}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--ckpt", help="run directory: start `tinygpt serve --ckpt DIR` for the measurement")
     where.add_argument("--url", help="measure a server that is already running")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrencies (default: 1 4 16)")
+    p.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16], help="concurrencies (default: 1 4 16)")
+    p.add_argument("--score", type=int, default=0, metavar="N", help="also time N scoring requests (default: 0)")
     p.add_argument("--max-tokens", type=int, default=200, help="tokens per completion (default: 200)")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds per concurrency (default: 3)")
     p.add_argument("--prompt", default="\n", help="prompt of every request (default: a newline)")
@@ -114,15 +151,22 @@ def main() -> int:
                       for r in range(args.rounds)]
             figures[clients] = {"rounds": rounds, **{k: statistics.median(r[k] for r in rounds)
                                                      for k in ("chars_per_sec", "first_char_sec")}}
+        scoring = score(url, args.score, args.ckpt) if args.score else None
     print(f"{model['id']}: {model['parameters']:,} parameters, block_size {model['block_size']}, "
           f"{args.max_tokens} tokens per completion, median of {args.rounds} rounds\n")
-    print("| clients | total chars/s | chars/s per client | time to first char |")
-    print("|---:|---:|---:|---:|")
+    if figures:
+        print("| clients | total chars/s | chars/s per client | time to first char |")
+        print("|---:|---:|---:|---:|")
     for clients, f in figures.items():
         print(f"| {clients} | {f['chars_per_sec']:,.0f} | {f['chars_per_sec'] / clients:,.0f} | "
               f"{f['first_char_sec'] * 1000:.0f} ms |")
-    Path(args.json).write_text(json.dumps({"model": model, "max_tokens": args.max_tokens, "figures": figures},
-                                          indent=2) + "\n")
+    if scoring:
+        forward = "" if scoring["forward_ms"] is None else \
+            f"; one forward over the same 64 tokens in this process: {scoring['forward_ms']:.1f} ms"
+        print(f"\nscoring (max_tokens 0, echo, logprobs 1, 64-character prompts, one at a time): "
+              f"{scoring['requests_per_sec']:.0f} requests/s, {scoring['ms_per_request']:.1f} ms each{forward}")
+    Path(args.json).write_text(json.dumps({"model": model, "max_tokens": args.max_tokens, "figures": figures,
+                                           "scoring": scoring}, indent=2) + "\n")
     return 0
 
 
