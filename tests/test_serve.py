@@ -258,6 +258,75 @@ def test_playground_streams_in_chromium(server, loaded, tmp_path):
     assert errors == []
 
 
+def test_playground_shows_probabilities_and_attention_in_chromium(server, loaded, tmp_path):
+    """The generated text coloured by probability, a tooltip whose numbers are the API's, and the
+    attention of every layer and head, on a desktop and on a phone-sized screen."""
+    import math
+
+    from playwright.sync_api import expect, sync_playwright
+
+    api = httpx.post(server.url + "/v1/completions", json={"prompt": "All:", "max_tokens": 40, "temperature": 0,
+                                                           "logprobs": 5}, timeout=60).json()["choices"][0]
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            for width, height in ((960, 700), (375, 740)):
+                phone = width < 600
+                page = browser.new_page(viewport={"width": width, "height": height}, has_touch=phone, is_mobile=phone)
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: errors.append(str(e)))
+
+                def point(locator, phone=phone):  # a mouse hovers, a finger taps
+                    locator.tap() if phone else locator.hover()
+
+                page.goto(server.url + "/")
+                expect(page.locator("#card-run")).to_contain_text("run (best, step 60)")
+                page.fill("#prompt", "All:")
+                page.fill("#max_tokens", "40")
+                page.fill("#temperature", "0")
+                page.click("#generate")
+                expect(page.locator("#status")).to_contain_text("characters in", timeout=30_000)
+                assert page.inner_text("#output") == "All:" + api["text"]
+                tokens = page.locator("#output .tok")
+                assert tokens.count() == 40  # one coloured span per generated character
+                assert all(c.startswith("rgb") for c in tokens.evaluate_all("s => s.map(e => e.style.background)"))
+                visible = [k for k, t in enumerate(api["logprobs"]["tokens"]) if t != "\n"]  # a newline has no box
+                for k in (visible[0], visible[len(visible) // 2], visible[-1]):
+                    point(tokens.nth(k))
+                    expect(page.locator("#tip")).to_be_visible()
+                    shown = page.locator("#tip .p").inner_text()
+                    assert shown == f"{math.exp(api['logprobs']['token_logprobs'][k]):.3f}"
+                    assert page.locator("#tip tr").count() == 1 + 5  # the header and the top 5
+                page.click("#inspect")
+                expect(page.locator("#inspect-status")).to_contain_text("attends to")
+                atts = page.locator("#attention .att")
+                assert atts.count() == 16  # the last block_size characters
+                layers = page.locator("#layer option").count()
+                heads = page.locator("#head option").count()
+                assert (layers, heads) == (2, 2)
+                for layer in range(layers):
+                    for head in range(heads):
+                        page.select_option("#layer", str(layer))
+                        page.select_option("#head", str(head))
+                        query = max(i for i in range(12) if atts.nth(i).inner_text() not in ("", "\n"))
+                        point(atts.nth(query))
+                        weights = atts.evaluate_all("s => s.map(e => e.dataset.w)")
+                        assert all(w == "" for w in weights[query + 1:])  # causal: nothing after the query
+                        assert sum(float(w) for w in weights[:query + 1]) == pytest.approx(1, abs=1e-3)
+                        expect(page.locator("#inspect-status")).to_contain_text(f"layer {layer}, head {head}")
+                assert page.evaluate("document.documentElement.scrollWidth") <= width + 1  # nothing overflows
+                if not phone:
+                    tokens.nth(visible[3]).hover()
+                    shot = Path(os.environ.get("TINYGPT_INSPECT_SCREENSHOT", tmp_path / "inspect.png"))
+                    page.screenshot(path=str(shot), full_page=True)
+                    assert shot.stat().st_size > 10_000
+                page.close()
+        finally:
+            browser.close()
+    assert errors == []
+
+
 # --- 3. bad input: a 4xx in OpenAI's error shape, never a 500 -----------------------------------
 
 BAD = [
