@@ -191,22 +191,21 @@ def table(r: dict) -> str:
              f"torch {m['torch']}" + (" (--smoke: tiny settings, not real figures)" if r["smoke"] else "") + ":",
              "", "| model | command | val loss (whole split) | time to that loss | beside it, in the same run |",
              "|---|---|---:|---:|---|"]
+    def row(model: str, command: str, result: dict, ref: str = "") -> str:
+        return (f"| {model} | `{command}` | {result['val_loss']:.3f} | {_time(result['seconds_to_loss'])} "
+                f"| {ref} |")
+
     if "bigram" in r:
-        lines.append(f"| Bigram | `python bigram.py` | {r['bigram']['val_loss']:.3f} | "
-                     f"{_time(r['bigram']['seconds_to_loss'])} | lecture: 2.49; count-based optimum 2.482 |")
+        lines.append(row("Bigram", "python bigram.py", r["bigram"], "lecture: 2.49; count-based optimum 2.482"))
     if "cpu-quick" in r:
-        q = r["cpu-quick"]
-        ref = ""
+        q, ref = r["cpu-quick"], ""
         if "nanogpt" in r:
             n = r["nanogpt"]
             ref = (f"nanoGPT's CPU recipe: {n['val_loss']:.3f} in {_time(n['seconds_total'])} "
                    f"(**{n['seconds_total'] / q['seconds_to_loss']:.1f}x** the time)")
-        lines.append(f"| GPT 2x128 | `tinygpt train --preset cpu-quick` | {q['val_loss']:.3f} | "
-                     f"{_time(q['seconds_to_loss'])} | {ref} |")
+        lines.append(row("GPT 2x128", "tinygpt train --preset cpu-quick", q, ref))
     if "cpu-10min" in r:
-        t = r["cpu-10min"]
-        lines.append(f"| GPT 4x256 | `tinygpt train --preset cpu-10min` | {t['val_loss']:.3f} | "
-                     f"{_time(t['seconds_to_loss'])} | |")
+        lines.append(row("GPT 4x256", "tinygpt train --preset cpu-10min", r["cpu-10min"]))
     if "lecture" in r:
         s = r["lecture"]
         ref = "lecture: 1.48 (on a GPU)"
