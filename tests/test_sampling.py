@@ -62,3 +62,12 @@ def test_sampled_token_always_valid_and_within_filters(temperature, top_k, top_p
         chosen = probs.gather(1, t)
         above = (probs * (probs > chosen)).sum(-1, keepdim=True)
         assert (above < top_p + 1e-5).all()
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-300, None), (1.0, 5e-324), (1e-30, 1e-30)])
+def test_extreme_but_valid_settings_still_sample(temperature, top_p):
+    """Found by fuzzing the server: a tiny temperature overflowed the logits to inf - inf, and a
+    top_p below float32's range dropped even the most likely token; both must give the argmax."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, gen, temperature, None, top_p).item() == 1

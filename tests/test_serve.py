@@ -327,6 +327,38 @@ def test_playground_shows_probabilities_and_attention_in_chromium(server, loaded
     assert errors == []
 
 
+def test_the_openapi_schema_describes_every_request_and_error(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    paths = schema["paths"]
+    expected = {"/v1/completions": {200, 400, 401, 404, 413, 429, 503}, "/tokenize": {200, 400, 401, 404, 413},
+                "/detokenize": {200, 400, 401, 404, 413}, "/v1/inspect": {200, 400, 401, 404, 413, 503}}
+    for path, statuses in expected.items():
+        op = paths[path]["post"]
+        assert {int(s) for s in op["responses"]} == statuses, path
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.rsplit("/", 1)[1] in schema["components"]["schemas"]
+        for status in statuses - {200}:
+            assert op["responses"][str(status)]["content"]["application/json"]["schema"]["$ref"].endswith(
+                "/ErrorResponse")
+    body = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert body["logprobs"]["anyOf"][0] == {"type": "integer", "minimum": 0, "maximum": 20}
+    assert {"/health", "/v1/models", "/tokenizer_info"} <= set(paths)
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_path):
+    """Fuzzing from /openapi.json (tests/schemathesis_hooks.py only caps how much a completion
+    generates): no 5xx, every status and response as documented."""
+    checks = "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance"
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json",
+                        "--checks", checks, "--max-examples", "30", "--seed", "1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "failure" not in r.stdout.lower(), r.stdout[-4000:]
+    assert "generated" in r.stdout  # it really ran
+
+
 # --- 3. bad input: a 4xx in OpenAI's error shape, never a 500 -----------------------------------
 
 BAD = [

@@ -21,7 +21,9 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = 
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # Shifted so the largest is 0 before dividing (the softmax is the same for any shift), and the
+    # temperature kept within float32's range: 1e-300 then gives 0 and -inf, never inf - inf or 0 / 0.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -30,6 +32,7 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = 
         probs = F.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first always stays.
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted[:, 0] = False  # top_p below float32's smallest (5e-324) would compare as 0
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)

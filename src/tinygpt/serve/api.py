@@ -182,3 +182,102 @@ class InspectRequest(BaseModel):
                       description="the text to inspect: at most block_size tokens")
     top: int = Field(5, ge=1, le=MAX_INSPECT_TOP, description="alternatives to list per position")
     attention: bool = Field(True, description="include every layer's and head's attention probabilities")
+
+
+# --- what the server answers, for the OpenAPI schema (/openapi.json) -------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body; every 4xx and 5xx has it."""
+
+    error: ErrorDetail
+
+
+class LogprobsObject(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: LogprobsObject | None
+    finish_reason: Finish | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """The answer of POST /v1/completions (a stream sends chunks of this shape, then [DONE])."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    kind: str
+    vocab_size: int
+    model_max_length: int
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None
+
+
+class Alternative(BaseModel):
+    token: str
+    id: int
+    logprob: float
+    prob: float
+
+
+class InspectedToken(BaseModel):
+    token: str
+    id: int
+    next_logprob: float | None
+    next_prob: float | None
+    top: list[Alternative]
+
+
+class InspectResponse(BaseModel):
+    object: Literal["inspection"]
+    model: str
+    text: str
+    tokens: list[InspectedToken]
+    attention: list[list[list[list[float]]]] | None = Field(
+        description="[layer][head][query] -> the query's weights over positions 0..query")
+    n_layer: int
+    n_head: int
+
+
+REQUEST_MODELS = (CompletionRequest, TokenizeRequest, DetokenizeRequest, InspectRequest)

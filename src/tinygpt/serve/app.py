@@ -21,20 +21,29 @@ from pathlib import Path
 
 import torch
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tinygpt import version as tinygpt_version
 from tinygpt.resources import is_out_of_memory
 from tinygpt.scoring import inspect, token_logprobs
 from tinygpt.serve.api import (
     MAX_BODY_BYTES,
+    REQUEST_MODELS,
     ApiError,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
     InspectRequest,
+    InspectResponse,
     TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
     parse_body,
     parse_completion_request,
 )
@@ -89,21 +98,22 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
         return {"status": "ok", "model": model_id, "device": str(served.device), "auth": api_key is not None,
                 **worker.load()}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=errors(401))
     async def models():
         return {"object": "list", "data": [served.card]}
 
-    @app.get("/v1/models/{name}", dependencies=auth)
+    @app.get("/v1/models/{name}", dependencies=auth, responses=errors(401, 404))
     async def model(name: str):
         if name != model_id:
             raise _unknown_model(name, model_id)
         return served.card
 
-    @app.get("/tokenizer_info", dependencies=auth)
+    @app.get("/tokenizer_info", dependencies=auth, response_model=TokenizerInfo, responses=errors(401))
     async def tokenizer_info():
         return tokenizer_card(served.tokenizer, served.model.config.block_size)
 
-    @app.post("/tokenize", dependencies=auth)
+    @app.post("/tokenize", dependencies=auth, response_model=TokenizeResponse, responses=errors(400, 401, 404, 413),
+              openapi_extra=body(TokenizeRequest))
     async def tokenize(request: Request):
         req = parse_body(TokenizeRequest, await read_body(request))
         check_model(req.model)
@@ -111,14 +121,16 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
         return {"count": len(tokens), "max_model_len": served.model.config.block_size, "tokens": tokens,
                 "token_strs": [served.tokenizer.decode([t]) for t in tokens]}
 
-    @app.post("/detokenize", dependencies=auth)
+    @app.post("/detokenize", dependencies=auth, response_model=DetokenizeResponse,
+              responses=errors(400, 401, 404, 413), openapi_extra=body(DetokenizeRequest))
     async def detokenize(request: Request):
         req = parse_body(DetokenizeRequest, await read_body(request))
         check_model(req.model)
         ids, text = prompt_ids(served.tokenizer, req.tokens) if req.tokens else ([], "")
         return {"prompt": text}
 
-    @app.post("/v1/inspect", dependencies=auth)
+    @app.post("/v1/inspect", dependencies=auth, response_model=InspectResponse,
+              responses=errors(400, 401, 404, 413, 503), openapi_extra=body(InspectRequest))
     async def inspect_text(request: Request):
         req = parse_body(InspectRequest, await read_body(request))
         check_model(req.model)
@@ -142,7 +154,11 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
         if name is not None and name != model_id:
             raise _unknown_model(name, model_id)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, responses={
+        200: {"model": CompletionResponse, "description": "the completion; with stream: server-sent events",
+              "content": {"text/event-stream": {"schema": {  # each event: a chunk as JSON, or [DONE]
+                  "type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}}}},
+        **errors(400, 401, 404, 413, 429, 503)}, openapi_extra=body(CompletionRequest))
     async def completions(request: Request):
         req = parse_completion_request(await read_body(request))
         if req.model is not None and req.model != model_id:
@@ -173,6 +189,21 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(worker.cancel, seqs))  # if never started
         return await collect(request, worker, seqs, head, choices, prompt_tokens)
+
+    def openapi() -> dict:
+        """FastAPI's schema, plus the request bodies (parsed by hand, for OpenAI's error shape)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=tinygpt_version(), routes=app.routes,
+                                 description="tinygpt serve: OpenAI-style completions, scoring and inspection")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in REQUEST_MODELS:
+                found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(found.pop("$defs", {}))
+                components[model.__name__] = found
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -210,6 +241,22 @@ async def read_body(request: Request) -> bytes:
         raise ApiError(413, f"the body is over {MAX_BODY_BYTES:,} bytes; send a shorter prompt", None,
                        "body_too_large")
     return b"".join(chunks)
+
+
+ERROR_WHEN = {400: "a bad request: invalid JSON, a wrong type or value, unknown characters",
+              401: "a missing or wrong API key", 404: "another model than the one served",
+              413: "a body over 1 MB", 429: "too many sequences waiting", 503: "the server ran out of memory"}
+
+
+def errors(*statuses: int) -> dict:
+    """OpenAPI responses for these error statuses, each with OpenAI's error body."""
+    return {s: {"model": ErrorResponse, "description": ERROR_WHEN[s]} for s in statuses}
+
+
+def body(model) -> dict:
+    """An OpenAPI request body of `model` (the handler parses it itself, for its own errors)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 def tokenizer_card(tokenizer, block_size: int) -> dict:
