@@ -115,8 +115,10 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
                             run_dir)
         with stop.deferred():  # a report, its metrics line and its checkpoint go together
             result.losses, is_best = losses, losses["val"] < state.best_val
-            state.best_val, state.best_step = (losses["val"], step) if is_best else (state.best_val, state.best_step)
-            state.stale_reports = 0 if is_best else state.stale_reports + 1
+            if is_best:
+                state.best_val, state.best_step, state.stale_reports = losses["val"], step, 0
+            else:
+                state.stale_reports += 1
             tok_s = tokens_per_step * (step - start_step) / state.train_seconds if state.train_seconds else None
             fp16 = {"loss_scale": scaler.get_scale(), "skipped_steps": state.skipped_steps} if scaler.is_enabled() \
                 else None

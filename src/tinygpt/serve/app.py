@@ -89,6 +89,10 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
 
     auth = [Depends(check_key)]
 
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_id:
+            raise _unknown_model(name, model_id)
+
     @app.get("/", include_in_schema=False)
     async def playground():
         return FileResponse(STATIC / "index.html")
@@ -126,8 +130,7 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
     async def detokenize(request: Request):
         req = parse_body(DetokenizeRequest, await read_body(request))
         check_model(req.model)
-        ids, text = prompt_ids(served.tokenizer, req.tokens) if req.tokens else ([], "")
-        return {"prompt": text}
+        return {"prompt": prompt_ids(served.tokenizer, req.tokens)[1] if req.tokens else ""}
 
     @app.post("/v1/inspect", dependencies=auth, response_model=InspectResponse,
               responses=errors(400, 401, 404, 413, 503), openapi_extra=body(InspectRequest))
@@ -150,10 +153,6 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
                 "attention": layers, "n_layer": len(layers or []),
                 "n_head": len(layers[0]) if layers else 0}
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_id:
-            raise _unknown_model(name, model_id)
-
     @app.post("/v1/completions", dependencies=auth, responses={
         200: {"model": CompletionResponse, "description": "the completion; with stream: server-sent events",
               "content": {"text/event-stream": {"schema": {  # each event: a chunk as JSON, or [DONE]
@@ -161,8 +160,7 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
         **errors(400, 401, 404, 413, 429, 503)}, openapi_extra=body(CompletionRequest))
     async def completions(request: Request):
         req = parse_completion_request(await read_body(request))
-        if req.model is not None and req.model != model_id:
-            raise _unknown_model(req.model, model_id)
+        check_model(req.model)
         loop = asyncio.get_running_loop()
         prompts = [prompt_ids(served.tokenizer, p) for p in req.prompts()]  # (ids, text) each
         n, max_tokens = req.n or 1, 16 if req.max_tokens is None else req.max_tokens

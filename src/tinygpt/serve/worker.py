@@ -234,8 +234,6 @@ class Worker:
                     self._fail_all("generation failed on the server; see its log")
 
     def _step(self) -> None:
-        if not self.active:
-            return
         """Sample one token for every active sequence, then advance them all in one forward."""
         tokens, outbox = {}, []
         for slot, a in list(self.active.items()):
@@ -253,7 +251,7 @@ class Worker:
             if finish == "length":
                 text += a.text.flush()
             if text or finish or a.entries:
-                entries, a.entries = (a.entries, []) if seq.logprobs is not None else (None, a.entries)
+                entries, a.entries = (a.entries if seq.logprobs is not None else None), []
                 outbox.append((seq, Event(seq.index, text, finish, a.generated if finish else 0, logprobs=entries)))
             if finish:
                 self.finished += 1
