@@ -236,10 +236,13 @@ def assert_same_weights(a: Path, b: Path) -> None:
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
     oa, ob = (torch.load(checkpoint_dir(r) / "optimizer.pt", weights_only=True) for r in (a, b))
-    assert oa["state"].keys() == ob["state"].keys()
-    for pid, sa in oa["state"].items():
-        for key, t in sa.items():
-            assert torch.equal(t, ob["state"][pid][key]), (pid, key)
+    parts = ("muon", "adamw") if "muon" in oa else (None,)  # --optimizer muon saves both optimizers' states
+    for part in parts:
+        sa_all, sb_all = (oa, ob) if part is None else (oa[part], ob[part])
+        assert sa_all["state"].keys() == sb_all["state"].keys()
+        for pid, sa in sa_all["state"].items():
+            for key, t in sa.items():
+                assert torch.equal(t, sb_all["state"][pid][key]), (part, pid, key)
 
 
 def snapshot(path: Path) -> dict[str, str]:

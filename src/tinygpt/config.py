@@ -107,16 +107,29 @@ class TrainConfig:
     batch_size: int = setting(64, "sequences per micro-batch (per process)", gt=0)
     grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", gt=0)
     max_iters: int = setting(5000, "optimizer steps", ge=0)
-    max_time: float = setting(0.0, "stop training after this many seconds (0 = no limit)", ge=0)
+    max_time: float = setting(
+        0.0, "stop training after this many seconds from the command's start (0 = no limit); when fewer than "
+        "max_iters steps fit, the learning-rate schedule is fitted to the steps that do (re-estimated at every "
+        "report), so its decay ends in time on any machine", ge=0)
     eval_interval: int = setting(500, "steps between loss reports and checkpoints", gt=0)
     eval_iters: int = setting(200, "batches per split in each periodic loss estimate", gt=0)
     early_stop: int = setting(0, "stop after this many loss reports without a new best val loss (0 = off)", ge=0)
     final_eval: bool = setting(True, "at the end, evaluate the best and the last model on the whole val split")
     learning_rate: float = setting(3e-4, "peak learning rate", gt=0)
     min_lr: float = setting(0.0, "learning rate at the end of a cosine schedule", ge=0)
-    lr_schedule: str = setting("constant", "learning-rate schedule", choices=("constant", "cosine"))
+    lr_schedule: str = setting(
+        "constant", "learning-rate schedule: constant, cosine down to min_lr, or wsd (warm-up, stable, then a "
+        "linear decay to min_lr over the last --cooldown-frac of the steps; 'trapezoidal')",
+        choices=("constant", "cosine", "wsd"))
     warmup_iters: int = setting(0, "steps of linear warm-up", ge=0)
-    weight_decay: float = setting(0.01, "AdamW weight decay on matrices (not biases, norms, embeddings)", ge=0)
+    cooldown_frac: float = setting(0.3, "wsd: the fraction of max_iters spent decaying to min_lr", gt=0, le=1)
+    optimizer: str = setting(
+        "adamw", "adamw for every parameter; muon: Muon (momentum, orthogonalised by Newton-Schulz) for the "
+        "blocks' weight matrices, AdamW for embeddings, head, norms and biases", choices=("adamw", "muon"))
+    muon_lr: float = setting(0.02, "Muon's peak learning rate (it follows --lr-schedule's shape)", gt=0)
+    muon_momentum: float = setting(0.95, "Muon's (Nesterov) momentum", ge=0, lt=1)
+    weight_decay: float = setting(0.01, "AdamW weight decay on matrices (not biases, norms, embeddings); Muon's "
+                                  "decoupled weight decay too", ge=0)
     beta1: float = setting(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = setting(0.999, "AdamW beta2", ge=0, lt=1)
     grad_clip: float = setting(0.0, "clip gradient norm to this value (0 = off)", ge=0)
@@ -158,6 +171,10 @@ class SampleConfig:
     seed: int = setting(1337, "random seed: the same seed gives the same text")
     drop_unknown: bool = setting(False, "drop prompt characters the tokenizer does not know instead of refusing")
     kv_cache: bool = setting(True, "reuse attention keys/values between steps (GPT)")
+    window: str = setting(
+        "full", "past block_size: full = the last block_size tokens, exactly the lecture's text (a forward over "
+        "the whole block per token); chunked = once full, keep the last half and continue cached (several "
+        "times faster; other text)", choices=("full", "chunked"))
     show_probs: bool = setting(False, "after the text, how likely the model found each generated token and what "
                                "else it considered (coloured on a terminal; a table otherwise)")
 

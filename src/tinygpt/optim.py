@@ -1,4 +1,5 @@
-"""AdamW, written out: Adam's moment estimates with decoupled weight decay (Loshchilov & Hutter).
+"""The optimizers, written out: AdamW (Loshchilov & Hutter) and Muon (Keller Jordan's), and the
+learning-rate schedules.
 
 Why not `torch.optim.AdamW`? Its first use imports `torch._dynamo` (about 2.3 s here), which
 was a fifth of the 12 s budget of the `cpu-quick` preset and half of the bigram's 5 s. The update
@@ -7,24 +8,89 @@ per operation over all parameters, and on CPU and CUDA handed to the same fused 
 `torch.optim.AdamW(fused=True)` calls (4x faster here than the `foreach` version). The state
 dict has torch's layout, holds tensors and numbers only, and loads with
 `torch.load(weights_only=True)`.
+
+Muon (`--optimizer muon`) takes the blocks' weight matrices: their update is the momentum of the
+gradient made (nearly) orthogonal by five Newton-Schulz iterations, so every direction of the
+matrix moves by about the same amount. Embeddings, the head, norms and biases stay with AdamW, as
+in the speedrun records. `torch.optim.Muon` runs the iteration in bfloat16, which is emulated,
+and ~10x slower than float32, on CPUs without native bf16; here the iteration's dtype is the
+run's choice (bfloat16 where the run computes in it, float32 otherwise). The update is
+`torch.optim.Muon`'s otherwise, to rounding (a test compares them).
 """
 
+import dataclasses
 import math
 
 import torch
+
+from tinygpt.errors import UserError
 
 # Where torch's fused AdamW kernel exists; elsewhere (MPS) the foreach ops below do the same update.
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-class AdamW:
-    def __init__(self, param_groups, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, fused: bool | None = None):
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+class _Optimizer:
+    """What AdamW and Muon share: parameter groups, per-parameter state, and a state dict in
+    torch's layout (tensors and numbers only). `STATE` names each parameter's state tensors; a
+    "step" among them is a counter, the rest have the parameter's shape."""
+
+    STATE: tuple[str, ...] = ()
+
+    def __init__(self, param_groups, defaults: dict):
         if isinstance(param_groups, torch.Tensor) or not isinstance(next(iter(param_groups), None), dict):
             param_groups = [{"params": list(param_groups)}]
         self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in param_groups]
         self.state: dict[torch.Tensor, dict] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def _index(self) -> dict:
+        ids, n = {}, 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                ids[p] = n
+                n += 1
+        return ids
+
+    def state_dict(self) -> dict:
+        ids = self._index()
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+                  | {"params": [ids[p] for p in g["params"]]} for g in self.param_groups]
+        return {"state": {ids[p]: dict(s) for p, s in self.state.items()}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)
+        ):
+            raise ValueError("optimizer state does not match the model's parameter groups")
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.state = {}
+        for idx, s in state_dict["state"].items():
+            p = params[int(idx)]
+            if set(s) != set(self.STATE):
+                raise ValueError(f"optimizer state for parameter {idx} holds {sorted(s)}, not {sorted(self.STATE)} "
+                                 f"(a checkpoint of another optimizer?)")
+            for k in self.STATE:
+                if k != "step" and s[k].shape != p.shape:
+                    raise ValueError(f"optimizer state for parameter {idx} has shape {tuple(s[k].shape)}, "
+                                     f"the model's is {tuple(p.shape)}")
+            self.state[p] = {k: s[k].float().to(p.device) if k == "step" else s[k].to(p) for k in self.STATE}
+        for mine, saved in zip(self.param_groups, groups):
+            for k, v in saved.items():
+                if k != "params":
+                    mine[k] = tuple(v) if isinstance(mine.get(k), tuple) else v
+
+
+class AdamW(_Optimizer):
+    STATE = ("step", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, param_groups, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, fused: bool | None = None):
+        super().__init__(param_groups, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.fused = hasattr(torch, "_fused_adamw_") if fused is None else fused
 
     @torch.no_grad()
@@ -62,69 +128,141 @@ class AdamW:
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(params, m, denom, -lr / bias1)  # p -= lr m_hat / (sqrt(v_hat) + eps)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
 
-    def _index(self) -> dict:
-        ids, n = {}, 0
+# Newton-Schulz: the quintic whose coefficients push small singular values up fastest (Keller
+# Jordan's; torch.optim.Muon's too). Five steps leave them in about [0.7, 1.2], which is enough.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+
+def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.float32, steps: int = NS_STEPS,
+                  eps: float = 1e-7) -> torch.Tensor:
+    """`g` with its singular values pushed towards 1 (U S V^T -> ~U V^T), computed in `dtype`."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the wide orientation: the Gram matrix x x^T is the smaller one
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # Frobenius norm >= spectral norm: every singular value <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        x = torch.addmm(x, poly, x, beta=a)  # a x + (b A + c A^2) x
+    return x.T if tall else x
+
+
+class Muon(_Optimizer):
+    """Muon for 2-D weight matrices: Nesterov momentum, orthogonalised, scaled by
+    sqrt(max(1, rows / cols)) so tall and wide matrices move alike; decoupled weight decay."""
+
+    STATE = ("momentum_buffer",)
+
+    def __init__(self, param_groups, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
+                 ns_dtype: torch.dtype = torch.float32):
+        super().__init__(param_groups, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        self.ns_dtype = ns_dtype
+        for p in (p for g in self.param_groups for p in g["params"]):
+            if p.dim() != 2:
+                raise ValueError(f"Muon takes matrices only; got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self) -> None:
         for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
-                ids[p] = n
-                n += 1
-        return ids
+                if p.grad is None:
+                    continue
+                state = self.state.setdefault(p, {"momentum_buffer": torch.zeros_like(p)})
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)  # buf = mu buf + (1 - mu) g
+                update = orthogonalize(p.grad.lerp(buf, mu), self.ns_dtype)  # Nesterov: look one step ahead
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
+
+
+class MuonAdamW:
+    """Muon for some parameters and AdamW for the rest, stepped as one optimizer (the loss
+    scaler and the schedule see all their groups in `param_groups`)."""
+
+    def __init__(self, muon: Muon, adamw: AdamW):
+        self.muon, self.adamw = muon, adamw
+        self.param_groups = muon.param_groups + adamw.param_groups
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad()
+        self.adamw.zero_grad()
 
     def state_dict(self) -> dict:
-        ids = self._index()
-        groups = [{k: (list(v) if k == "betas" else v) for k, v in g.items() if k != "params"}
-                  | {"params": [ids[p] for p in g["params"]]} for g in self.param_groups]
-        return {"state": {ids[p]: dict(s) for p, s in self.state.items()}, "param_groups": groups}
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups) or any(
-            len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)
-        ):
-            raise ValueError("optimizer state does not match the model's parameter groups")
-        params = [p for g in self.param_groups for p in g["params"]]
-        self.state = {}
-        for idx, s in state_dict["state"].items():
-            p = params[int(idx)]
-            if s["exp_avg"].shape != p.shape:
-                raise ValueError(f"optimizer state for parameter {idx} has shape {tuple(s['exp_avg'].shape)}, "
-                                 f"the model's is {tuple(p.shape)}")
-            self.state[p] = {"step": s["step"].float().to(p.device), "exp_avg": s["exp_avg"].to(p),
-                             "exp_avg_sq": s["exp_avg_sq"].to(p)}
-        for mine, saved in zip(self.param_groups, groups):
-            for k, v in saved.items():
-                if k != "params":
-                    mine[k] = tuple(v) if k == "betas" else v
+        if set(state_dict) != {"muon", "adamw"}:
+            raise ValueError("this optimizer state is not Muon's and AdamW's (a checkpoint of --optimizer adamw?)")
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
 
 
-def make_optimizer(model, cfg) -> AdamW:
-    """AdamW from a `TrainConfig`; weight decay only on matrices that multiply activations (not
-    biases, norms or embedding tables)."""
-    decay, no_decay = [], []
+def make_optimizer(model, cfg, ns_dtype: torch.dtype = torch.float32):
+    """The optimizer a `TrainConfig` asks for. AdamW: weight decay only on matrices that multiply
+    activations (not biases, norms or embedding tables). Muon: the blocks' weight matrices, at
+    `muon_lr` (the schedule scales both by the same factor); AdamW for everything else."""
+    muon, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         is_embedding = "embedding_table" in name
-        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
+        if cfg.optimizer == "muon" and name.startswith("blocks.") and p.dim() == 2:
+            muon.append(p)
+        else:
+            (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    adamw = AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    if cfg.optimizer == "adamw":
+        return adamw
+    if not muon:
+        raise UserError("--optimizer muon trains the transformer blocks' matrices, and this model has none "
+                        "(the bigram): use --optimizer adamw")
+    lr_scale = cfg.muon_lr / cfg.learning_rate
+    return MuonAdamW(Muon([{"params": muon, "lr_scale": lr_scale}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                          weight_decay=cfg.weight_decay, ns_dtype=ns_dtype), adamw)
 
 
-def lr_at(step: int, cfg) -> float:
-    """The learning rate of `step`: linear warm-up, then constant or cosine down to min_lr."""
+def set_lr(optimizer, lr: float) -> None:
+    """Every group at `lr`, times its `lr_scale` (Muon's groups: muon_lr / learning_rate)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def lr_at(step: int, cfg, horizon: int | None = None) -> float:
+    """The learning rate of `step`: linear warm-up, then constant, cosine down to min_lr, or wsd:
+    constant until the last `cooldown_frac` of the steps, then linear down to min_lr. The steps
+    are `max_iters`, or `horizon` where --max-time allows fewer (`fit_horizon`)."""
+    if horizon is not None and horizon < cfg.max_iters:
+        cfg = dataclasses.replace(cfg, max_iters=max(horizon, cfg.warmup_iters + 1))
     if cfg.warmup_iters and step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / cfg.warmup_iters
     if cfg.lr_schedule == "constant":
         return cfg.learning_rate
+    if cfg.lr_schedule == "wsd":
+        cooldown = max(1, round(cfg.cooldown_frac * cfg.max_iters))
+        progress = min(1.0, max(0, step - (cfg.max_iters - cooldown)) / cooldown)
+        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
     span = max(1, cfg.max_iters - cfg.warmup_iters)
     progress = min(1.0, (step - cfg.warmup_iters) / span)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def fit_horizon(cfg, step: int, remaining_s: float, seconds_per_step: float) -> int | None:
+    """The steps a --max-time run will reach: this step plus those that fit in the time left at
+    the pace measured so far (a 2% margin for the loss reports); None when max_iters fits."""
+    reachable = step + int(0.98 * max(0.0, remaining_s) / seconds_per_step)
+    return reachable if reachable < cfg.max_iters else None
 
 
 def clip_grad_norm(model, clip: float) -> float:

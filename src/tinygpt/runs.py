@@ -232,10 +232,13 @@ def load_init_weights(model, cfg: C.TrainConfig) -> None:
                           grown=cfg.grow_vocab)
 
 
-def run_record(cfg: C.TrainConfig, data_path: Path, dtype, kernel: str, device, world: int) -> dict:
+def run_record(cfg: C.TrainConfig, data_path: Path, dtype, kernel: str, device, world: int,
+               ns_dtype=None) -> dict:
     """What run.json records beyond the settings: what `auto` resolved to, and the sources."""
     extra = {"data_path": str(data_path.resolve()), "dtype": str(dtype).removeprefix("torch."),
              "attention_kernel": kernel, "device": str(device), "world_size": world}
+    if cfg.optimizer == "muon":
+        extra["muon_ns_dtype"] = str(ns_dtype).removeprefix("torch.")
     if cfg.init_from:
         hf_dir = hf_source(cfg.init_from)
         extra["init_from"] = f"hf:{hf_dir.resolve()}" if hf_dir else str(Path(cfg.init_from).resolve())

@@ -29,7 +29,7 @@ from tinygpt.distributed import SINGLE, Distributed
 from tinygpt.errors import UserError
 from tinygpt.evaluate import estimate_loss, final_eval, final_eval_batch
 from tinygpt.model import build_model
-from tinygpt.optim import clip_grad_norm, lr_at, make_optimizer
+from tinygpt.optim import clip_grad_norm, fit_horizon, lr_at, make_optimizer, set_lr
 from tinygpt.progress import Progress, time_probe
 from tinygpt.runtime import autocast, grad_scaler, resolve_attention, resolve_device, resolve_dtype, resolve_threads
 from tinygpt.stopping import Interrupted, SignalStop, Stopped, let_signals_in, random_state
@@ -71,6 +71,7 @@ class LoopState:
     train_seconds: float = 0.0  # the training clock: optimizer steps only, no evaluation
     reported: bool = True  # this step's loss report was done before the checkpoint
     skipped_steps: int = 0  # float16: steps whose gradients overflowed, skipped by the loss scaler
+    horizon: int | None = None  # --max-time: the steps the schedule is fitted to, when max_iters will not fit
 
 
 def note_on_stderr(line: str) -> None:
@@ -97,6 +98,7 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
                         note=note, max_time=cfg.max_time, started=t_start)
     result = TrainResult(run_dir=run_dir, step=start_step, tokenizer=s.tokenizer, device=device)
     saved_step = start_step if cfg.resume else None
+    session_seconds = 0.0  # this command's training clock after its first WARM_UP steps (their one-off costs)
 
     def save(is_best: bool, reported: bool = True) -> None:
         nonlocal saved_step
@@ -122,7 +124,8 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
             tok_s = tokens_per_step * (step - start_step) / state.train_seconds if state.train_seconds else None
             fp16 = {"loss_scale": scaler.get_scale(), "skipped_steps": state.skipped_steps} if scaler.is_enabled() \
                 else None
-            runs.append_report(run_dir / "metrics.jsonl", step, losses, lr_at(step, cfg), tok_s, state.train_seconds,
+            runs.append_report(run_dir / "metrics.jsonl", step, losses, lr_at(step, cfg, state.horizon), tok_s,
+                               state.train_seconds,
                                s.corpus.chars_per_token(), fp16)
             save(is_best)
 
@@ -150,11 +153,14 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
                     break
                 if last_step:
                     break
+                if cfg.max_time > 0 and dist.world == 1 and (state.step - start_step == FIT_AFTER or (
+                        state.step % cfg.eval_interval == 0 and state.step - start_step > FIT_AFTER)):
+                    _fit_schedule(state, cfg, t_start, session_seconds, start_step, note)
 
                 phase, rewind = "train", random_state(sampler, device)
                 t0 = time.perf_counter()
-                loss = _forward_backward(runner, optimizer, sampler, lr_at(state.step, cfg), cfg, device, dtype, dist,
-                                         scaler)
+                loss = _forward_backward(runner, optimizer, sampler, lr_at(state.step, cfg, state.horizon), cfg,
+                                         device, dtype, dist, scaler)
                 scaler.unscale_(optimizer)  # clip the true gradients (a no-op outside float16)
                 grad_norm = clip_grad_norm(model, cfg.grad_clip)
                 # float16: an overflowed gradient is the scaler's to skip; a non-finite loss is divergence
@@ -168,6 +174,7 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
                     state.skipped_steps += scale is not None and scaler.get_scale() < scale  # it backed off
                     state.step, phase, dt = state.step + 1, "report", time.perf_counter() - t0
                     state.train_seconds += dt
+                    session_seconds += dt if state.step - start_step > WARM_UP else 0.0
                 if scale is not None and scaler.get_scale() < MIN_LOSS_SCALE:
                     raise _diverged(f"step {state.step}: the float16 loss scale fell to {scaler.get_scale():.3g} "
                                     f"({state.skipped_steps} steps skipped)", cfg, run_dir)
@@ -239,7 +246,7 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
             runs.load_init_weights(model, cfg)
         model.to(device)
         model.set_attention(kernel)
-        optimizer = make_optimizer(model, cfg)
+        optimizer = make_optimizer(model, cfg, muon_ns_dtype(dtype))
     scaler = grad_scaler(dtype, device)
     sampler = BatchSampler(corpus.train, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.grad_accum,
                            rank=dist.rank, world=dist.world)
@@ -252,14 +259,16 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
         saved = ckpt.load_training_state(latest, optimizer)
         sampler.load_state_dict(ckpt.restore_rng(saved["rng"]))
         state = LoopState(saved["step"], saved["best_val"], saved.get("best_step"), saved.get("stale_reports", 0),
-                          saved.get("train_seconds", 0.0), saved.get("reported", True), saved.get("skipped_steps", 0))
+                          saved.get("train_seconds", 0.0), saved.get("reported", True), saved.get("skipped_steps", 0),
+                          saved.get("horizon"))
         if scaler.is_enabled() and "scaler" in saved:  # the scale the run had reached: resumes exactly
             scaler.load_state_dict(saved["scaler"])
         dist.on_main(runs.trim_metrics, run_dir / "metrics.jsonl", state.step)
         note(f"resuming {run_dir} at step {state.step}")
     else:
         run_dir = dist.on_main(runs.new_run_dir, cfg, model_cfg, tokenizer,
-                               runs.run_record(cfg, data_path, dtype, kernel, device, dist.world))
+                               runs.run_record(cfg, data_path, dtype, kernel, device, dist.world,
+                                               muon_ns_dtype(dtype)))
 
     with resources.memory_guard(lambda: _out_of_memory("probe", state.step, state.step if cfg.resume else None,
                                                        run_dir, cfg, model_cfg, device, dtype)):
@@ -270,6 +279,29 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
              "For a result in minutes: --preset cpu-quick (or cpu-10min), or a GPU")
     return _Setup(model_cfg, tokenizer, corpus, device, dtype, model, optimizer, sampler, run_dir, state, timing,
                   scaler)
+
+
+def muon_ns_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Muon's Newton-Schulz iteration runs in bfloat16 where the run computes in it (the hardware
+    has it natively: `auto` measured it faster), else in float32: emulated bfloat16 made the
+    iteration ~10x slower than float32 on a CPU without it; float16 can overflow in it."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+# --max-time: the schedule is first fitted after FIT_AFTER steps, then at each report, at the pace of
+# this command's steps after its first WARM_UP (which pay one-off costs).
+FIT_AFTER, WARM_UP = 20, 3
+
+
+def _fit_schedule(state: LoopState, cfg: C.TrainConfig, t_start: float, session_seconds: float, start_step: int,
+                  note) -> None:
+    """Fit the learning-rate schedule to the steps --max-time leaves room for, at this command's pace."""
+    remaining = cfg.max_time - (time.perf_counter() - t_start)
+    horizon = fit_horizon(cfg, state.step, remaining, session_seconds / (state.step - start_step - WARM_UP))
+    if horizon is not None and state.horizon is None:
+        note(f"--max-time {cfg.max_time:g} leaves time for about {horizon} of the {cfg.max_iters} steps here: the "
+             f"learning-rate schedule is fitted to them (re-estimated at every report)")
+    state.horizon = horizon
 
 
 def _use_threads(cfg: C.TrainConfig, device, note) -> None:
@@ -285,8 +317,7 @@ def _forward_backward(runner, optimizer, sampler, lr: float, cfg: C.TrainConfig,
                       scaler) -> float:
     """One step's gradients, accumulated over its micro-batches at learning rate `lr` (scaled by
     the float16 loss scaler, a no-op in other dtypes); the mean loss."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     loss_sum = 0.0
     micro_batches = sampler.next_step()
     for i, (x, y) in enumerate(micro_batches):
@@ -303,7 +334,7 @@ def _state_json(state: LoopState, sampler, scaler) -> dict:
     loss scale) included."""
     out = {"step": state.step, "best_val": state.best_val, "best_step": state.best_step,
            "stale_reports": state.stale_reports, "rng": ckpt.rng_state(sampler.state_dict()),
-           "train_seconds": state.train_seconds, "reported": state.reported}
+           "train_seconds": state.train_seconds, "reported": state.reported, "horizon": state.horizon}
     if scaler.is_enabled():
         out |= {"scaler": scaler.state_dict(), "skipped_steps": state.skipped_steps}
     return out
