@@ -90,3 +90,72 @@ def test_bigram_runs_through_the_engine_uncached():
     first = engine.start(1, [3, 4])
     torch.testing.assert_close(first, m.token_embedding_table.weight[4])
     assert torch.equal(engine.step({1: 5})[1], m.token_embedding_table.weight[5].detach())
+
+
+def chunked_reference(m, prompt: list[int], n: int, seed: int) -> list[int]:
+    """The chunked window's rule, written out plainly and run without a cache: the context is the
+    prompt's last block_size tokens; a token that would overflow the block leaves only the last
+    block_size // 2 tokens; every next token comes from the whole model on that context."""
+    from tinygpt.sampling import sample_next_token
+
+    block, keep = m.config.block_size, m.config.block_size // 2
+    g = torch.Generator().manual_seed(seed)
+    ctx, out = prompt[-block:], []
+    for _ in range(n):
+        t = int(sample_next_token(m(torch.tensor([ctx]))[0][:, -1], g))
+        out.append(t)
+        ctx = ctx + [t]
+        if len(ctx) > block:
+            ctx = ctx[-keep:]
+    return out
+
+
+@pytest.mark.parametrize("kw", POSITIONS, ids=["learned", "rope"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_chunked_window_follows_its_rule(kw, use_cache):
+    m = gpt(**kw)
+    with torch.no_grad():  # sharp distributions: an untrained model's are so flat that any context samples alike
+        m.lm_head.weight.mul_(30)
+    prompt = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(11)
+    out = m.generate(prompt, 60, 1.0, generator=g, use_cache=use_cache, window="chunked")  # 65 > 4 blocks
+    assert out[0, 5:].tolist() == chunked_reference(m, prompt[0].tolist(), 60, 11)
+    g = torch.Generator().manual_seed(11)
+    full = m.generate(prompt, 60, 1.0, generator=g, window="full")
+    assert torch.equal(full[0, :16], out[0, :16])  # the same inside the first block
+    assert not torch.equal(full, out)  # past it, the contexts differ
+
+
+def test_chunked_window_batch_and_slots():
+    """Four rows at once equal four runs alone; the cache is never reallocated or grown; a slot
+    of a server may choose its window apart from the engine's default."""
+    m = gpt(**POSITIONS[1])
+    prompts = torch.randint(0, V, (4, 7), generator=torch.Generator().manual_seed(5))
+    engine = DecodeEngine(m, max_batch=4, window="chunked")
+    ks = [k.data_ptr() for k in engine.cache.k]
+    shapes = [tuple(k.shape) for k in engine.cache.k]
+    logits = engine.start_batch(prompts)
+    seqs = [row.tolist() for row in prompts]
+    lengths = []
+    for _ in range(50):
+        tokens = logits.argmax(-1)
+        for row, t in zip(seqs, tokens.tolist()):
+            row.append(t)
+        logits = engine.step_batch(tokens)
+        lengths.append(len(engine.context[0]))
+    assert [k.data_ptr() for k in engine.cache.k] == ks and [tuple(k.shape) for k in engine.cache.k] == shapes
+    assert min(lengths) == 8 and max(lengths) == 16  # the window: from half the block to the block
+    for b in range(4):  # greedy: the rule's reference at temperature 0
+        ctx = seqs[b][:7]
+        for t in seqs[b][7:]:
+            assert int(m(torch.tensor([ctx]))[0][0, -1].argmax()) == t
+            ctx = ctx + [t] if len(ctx) < 16 else (ctx + [t])[-8:]
+    mixed = DecodeEngine(m, max_batch=2)  # default full; slot 1 chunked
+    mixed.start(0, seqs[0][:7])
+    mixed.start(1, seqs[0][:7], "chunked")
+    for t in seqs[0][7:]:
+        mixed.step({0: t, 1: t})
+    assert mixed.context[0] == seqs[0][-16:]  # full: the last block
+    assert mixed.context[1] == engine.context[0] and len(engine.context[0]) < 16  # chunked, as above
+    with pytest.raises(ValueError, match="window must be one of full, chunked"):
+        DecodeEngine(m, max_batch=1, window="half")

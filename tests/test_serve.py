@@ -55,12 +55,13 @@ def loaded(run_dir):
 
 
 def expected(loaded, prompt: str, max_tokens: int, seed: int = 0, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None) -> str:
+             top_k: int | None = None, top_p: float | None = None, window: str = "full") -> str:
     """What `tinygpt sample` generates for these settings (its loop, in this process)."""
     model, tok = loaded
     ids = torch.tensor([tok.encode(prompt) or [0]])
     gen = torch.Generator().manual_seed(seed)
-    return tok.decode([int(t) for t in generate_stream(model, ids, max_tokens, temperature, top_k, top_p, gen)])
+    return tok.decode([int(t) for t in generate_stream(model, ids, max_tokens, temperature, top_k, top_p, gen,
+                                                       window=window)])
 
 
 def sse_texts(lines) -> tuple[dict[int, str], dict[int, str], bool]:
@@ -90,7 +91,7 @@ def test_openai_client_greedy_text_equals_tinygpt_sample(server, run_dir):
     assert [m.id for m in client.models.list().data] == [run_dir.name]
     r = client.completions.create(model=run_dir.name, prompt="All:", max_tokens=40, temperature=0)
     sample = cli("sample", "--ckpt", run_dir, "--which", "best", "--prompt", "All:", "--max-new-tokens", 40,
-                 "--temperature", 0, process=True)
+                 "--temperature", 0, "--dtype", "float32", process=True)  # the server's CPU dtype, refills too
     assert sample.code == 0, sample.err
     assert sample.out == "All:" + r.choices[0].text + "\n"
     assert r.choices[0].finish_reason == "length"
@@ -132,6 +133,28 @@ def test_prompt_list_n_stop_and_echo(server, loaded):
     r = client.completions.create(model="run", prompt="All:", max_tokens=40, temperature=0, stop=["\n"], echo=True)
     assert r.choices[0].text == "All:" + greedy[: greedy.index("\n")]
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_window_per_request_and_the_servers_default(server, loaded, run_dir):
+    """Past the block (16 here), each request's `window` rule gives `tinygpt sample --window`'s
+    text; both rules decode in one batch; a server started with --window chunked defaults to it."""
+    import concurrent.futures
+
+    def ask(url, **extra):
+        body = {"prompt": "All:", "max_tokens": 60, "temperature": 1.0, "seed": 5, **extra}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    want = {w: expected(loaded, "All:", 60, seed=5, temperature=1.0, window=w) for w in ("full", "chunked")}
+    assert want["full"] != want["chunked"]  # 60 tokens past a block of 16: the contexts differ
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda w: ask(server.url, **({"window": w} if w else {})), ["full", "chunked", None] * 2))
+    assert got == [want["full"], want["chunked"], want["full"]] * 2
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "All:", "window": "half"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "window"
+    with serving(run_dir, "--window", "chunked") as chunked:
+        assert ask(chunked.url) == want["chunked"] and ask(chunked.url, window="full") == want["full"]
 
 
 def test_text_stream_holds_back_what_may_become_a_stop_sequence():
@@ -291,7 +314,8 @@ def test_playground_shows_probabilities_and_attention_in_chromium(server, loaded
                 tokens = page.locator("#output .tok")
                 assert tokens.count() == 40  # one coloured span per generated character
                 assert all(c.startswith("rgb") for c in tokens.evaluate_all("s => s.map(e => e.style.background)"))
-                visible = [k for k, t in enumerate(api["logprobs"]["tokens"]) if t != "\n"]  # a newline has no box
+                # a newline has no box, and a space at the end of a line may have none either
+                visible = [k for k, t in enumerate(api["logprobs"]["tokens"]) if t.strip()]
                 for k in (visible[0], visible[len(visible) // 2], visible[-1]):
                     point(tokens.nth(k))
                     expect(page.locator("#tip")).to_be_visible()

@@ -122,6 +122,7 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
                    "TINYGPT_API_KEY keeps it out of the process list (default: none)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
                    help="sequences decoded together; more wait their turn (default: 16)")
+    add_fields(p, C.SampleConfig, only={"window"})
     add_fields(p, C.TrainConfig, only={"device", "dtype"})
 
     p = sub.add_parser("prepare", help="encode a corpus once into a token file that runs memory-map",
@@ -261,7 +262,7 @@ def cmd_sample(args) -> int:
     import torch
 
     from tinygpt.checkpoint import load_run
-    from tinygpt.runtime import autocast, inference_dtype, resolve_device
+    from tinygpt.runtime import autocast, inference_dtype, prefill_dtype, resolve_device
     from tinygpt.sampling import generate_stream
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(C.SampleConfig) if hasattr(args, f.name)}
@@ -291,7 +292,7 @@ def cmd_sample(args) -> int:
         f"x block {model.config.block_size}, {str(dtype).removeprefix('torch.')}); use a smaller --num-samples"
     ):
         for t in generate_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gen,
-                                 cfg.kv_cache):
+                                 cfg.kv_cache, cfg.window, prefill_dtype(getattr(args, "dtype", "auto"), device)):
             for row, token in zip(new, t[:, 0].tolist()):
                 row.append(token)
             if stream:
@@ -395,7 +396,8 @@ def cmd_serve(args) -> int:
     from tinygpt.serve import serve
 
     return serve(args.ckpt, args.which, args.host, args.port, getattr(args, "device", "auto"),
-                 getattr(args, "dtype", "auto"), args.api_key, args.max_batch)
+                 getattr(args, "dtype", "auto"), args.api_key, args.max_batch,
+                 getattr(args, "window", "full"))
 
 
 def cmd_prepare(args) -> int:

@@ -13,16 +13,51 @@ requests in them, each at its own length), so a batched step attends through a m
 sees keys 0..pos[b]. The cache is allocated once, (slots, heads, block_size, head_size) per layer
 in the inference dtype, and never grows or is concatenated to.
 
-Past `block_size` the lecture's model sees the last `block_size` tokens, so every position shifts
-by one: the cache is refilled from those tokens, which is exactly what the uncached path computes
-(tests check the text is identical, token for token).
+Past `block_size` a slot follows its *window* rule:
+
+- "full" (the default, the lecture's): the model sees the last `block_size` tokens, so every
+  position shifts by one and the cache is refilled from those tokens for every new token: a
+  forward over the whole block, exactly what the uncached path computes (tests check the text is
+  identical, token for token). Its cost per token is the forward's FLOPs, ~2 x params x block.
+- "chunked": when the window is full, keep its last half (`chunk_keep`), refill the cache from
+  those tokens once, and go on with cached steps until it is full again. The model sees between
+  block/2 and block tokens of context, never fewer: the refill costs half a block's forward per
+  block/2 tokens, so a token costs about one cached step. The text differs from "full"'s past the
+  block; what that costs in loss is measured in docs/performance.md.
+
+On CPU a one-token step is matrix-vector products that stream every weight from memory once.
+For the layers that widen or keep the width (q/k/v, the projections, the MLP's first layer)
+nn.Linear's (out, in) layout ran at ~8 GB/s here, half the speed of the same product on an
+(in, out) copy, so the engine keeps transposed float32 copies of those weights and the decode
+steps use them (`StreamedLinears`; the MLP's narrowing layer was faster as it is). The copies
+cost memory (~0.6x the weights) and are taken when the engine is made: build a new engine after
+changing the weights.
 
 On CUDA every decoding step has the same shapes (all slots, the whole block, masked), so the step
 is captured once as a CUDA graph and replayed: one launch instead of ~150 small kernels per token,
 and no attention backend that re-plans for every new length.
 """
 
+import functools
+
 import torch
+from torch import nn
+
+WINDOWS = ("full", "chunked")
+
+
+def chunk_keep(block_size: int) -> int:
+    """Tokens the chunked window keeps when it is full: the last half of the block."""
+    return max(1, block_size // 2)
+
+
+def slide(context: list[int], token: int, block_size: int, window: str) -> list[int]:
+    """The context after `token`: the last `block_size` tokens ("full"); or, once that would
+    exceed the block, only the last `chunk_keep` ("chunked")."""
+    context = context + [token]
+    if len(context) <= block_size:
+        return context
+    return context[-(block_size if window == "full" else chunk_keep(block_size)):]
 
 
 class KVCache:
@@ -71,8 +106,9 @@ class KVCache:
         """Store this forward's k, v (B, nh, T, hs); return the keys, values and mask to attend with."""
         if self._write is None:  # prefill: the new tokens are the whole context
             T = k.shape[2]
-            self.k[layer][self._rows, :, :T] = k  # in place, for a slice or for slot indices
-            self.v[layer][self._rows, :, :T] = v
+            dtype = self.k[layer].dtype  # a bf16 prefill into a float32 cache (DecodeEngine's prefill_dtype)
+            self.k[layer][self._rows, :, :T] = k.to(dtype)  # in place, for a slice or for slot indices
+            self.v[layer][self._rows, :, :T] = v.to(dtype)
             return k, v, None
         ck, cv = self.k[layer][self._rows], self.v[layer][self._rows]  # views of the slots' rows
         if isinstance(self._write, int):  # every row at the same position
@@ -84,6 +120,32 @@ class KVCache:
         return ck[:, :, : self._t_k], cv[:, :, : self._t_k], self._mask
 
 
+def _vector_linear(weight_t: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's output from a transposed (in, out) weight: x (..., in) -> (..., out)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
+    return y.view(*x.shape[:-1], weight_t.shape[1])
+
+
+class StreamedLinears:
+    """While entered, every nn.Linear of `model` with out_features >= in_features computes from a
+    transposed copy of its weight (CPU, float32: measured 2-3x faster one token at a time; for a
+    narrowing layer the (out, in) layout was faster)."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [(m, m.weight.detach().t().contiguous(), m.bias) for m in model.modules()
+                       if isinstance(m, nn.Linear) and m.out_features >= m.in_features]
+
+    def __enter__(self):
+        for m, weight_t, bias in self.layers:
+            m.forward = functools.partial(_vector_linear, weight_t, bias)  # an instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc):
+        for m, _, _ in self.layers:
+            del m.forward
+
+
 class DecodeEngine:
     """Batched generation over `max_batch` independent slots (see the module docstring).
 
@@ -91,27 +153,41 @@ class DecodeEngine:
     last `block_size` tokens, which for the bigram is its last token anyway.
     """
 
-    def __init__(self, model, max_batch: int, static: bool | None = None):
+    def __init__(self, model, max_batch: int, static: bool | None = None, window: str = "full",
+                 prefill_dtype: torch.dtype | None = None):
+        if window not in WINDOWS:
+            raise ValueError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
         self.model = model
+        self.window = window  # the rule of slots started without their own
+        # Prompts and full-window refills are GEMMs over up to block_size tokens: on a CPU whose
+        # bf16 matmul is faster, they may run in bf16 while the one-token steps stay in float32.
+        self.prefill_dtype = prefill_dtype
         self.block_size = model.config.block_size
         self.max_batch = max_batch
         self.cache: KVCache | None = model.make_cache(max_batch)
         self.device = next(model.parameters()).device
         self.context: list[list[int]] = [[] for _ in range(max_batch)]  # ids each slot holds
+        self.windows = [window] * max_batch  # each slot's rule past block_size
         # On CUDA: every step over all slots and the whole block, so shapes never change (and the
         # step is a CUDA graph). `static=True` elsewhere runs the same shapes eagerly (tests).
         cuda = self.device.type == "cuda"
         self.static = self.cache is not None and (cuda if static is None else static)
         self.graphs = self.static and cuda
         self._graph = None
+        cpu_fp32 = self.device.type == "cpu" and self.cache is not None and self.cache.k[0].dtype == torch.float32
+        self.streamed = StreamedLinears(model) if cpu_fp32 else None  # decode steps only (see the docstring)
 
     # --- the interface -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def start(self, slot: int, ids: list[int]) -> torch.Tensor:
-        """Put a prompt in `slot` (cropped to its last `block_size` tokens); next-token logits."""
+    def start(self, slot: int, ids: list[int], window: str | None = None) -> torch.Tensor:
+        """Put a prompt in `slot` (cropped to its last `block_size` tokens), to continue under
+        `window`'s rule (default: the engine's); next-token logits."""
         if not ids:
             raise ValueError("a prompt needs at least one token")
+        if window is not None and window not in WINDOWS:
+            raise ValueError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
+        self.windows[slot] = window or self.window
         self.context[slot] = list(ids[-self.block_size :])
         return self._prefill(slice(slot, slot + 1), torch.tensor([self.context[slot]], device=self.device))[0]
 
@@ -120,7 +196,7 @@ class DecodeEngine:
         """Put the rows of `idx` (B, T) in slots 0..B-1 in one forward; logits (B, vocab)."""
         idx = idx[:, -self.block_size :]
         for b, row in enumerate(idx.tolist()):
-            self.context[b] = row
+            self.context[b], self.windows[b] = row, self.window
         return self._prefill(slice(0, idx.shape[0]), idx.to(self.device))
 
     @torch.inference_mode()
@@ -128,16 +204,19 @@ class DecodeEngine:
         """Append one token to each given slot; return each slot's next-token logits (vocab,)."""
         full = [s for s in tokens if len(self.context[s]) == self.block_size]
         for s, t in tokens.items():
-            self.context[s] = (self.context[s] + [t])[-self.block_size :]
+            self.context[s] = slide(self.context[s], t, self.block_size, self.windows[s])
         out = {}
         stepping = [s for s in tokens if s not in full]
         if stepping:
             logits = self._decode(stepping, tokens)
             out.update({s: logits[s] for s in stepping})
-        if full:  # the context slid past block_size: every position moved, refill those slots (together)
-            rows = torch.tensor(full, device=self.device)
-            logits = self._prefill(rows, torch.tensor([self.context[s] for s in full], device=self.device))
-            out.update(zip(full, logits))
+        # The context slid past block_size: refill those slots, together where their lengths agree
+        # (a full window's whole block; a chunked one's kept half).
+        for length in sorted({len(self.context[s]) for s in full}):
+            refill = [s for s in full if len(self.context[s]) == length]
+            rows = torch.tensor(refill, device=self.device)
+            logits = self._prefill(rows, torch.tensor([self.context[s] for s in refill], device=self.device))
+            out.update(zip(refill, logits))
         return out
 
     def step_batch(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -156,7 +235,10 @@ class DecodeEngine:
         if self.cache is None:
             return self.model(idx)[0][:, -1].float()
         self.cache.prefill(rows, idx.shape[1], self.device)
-        return self.model(idx, cache=self.cache)[0][:, -1].float()
+        if self.prefill_dtype is None:
+            return self.model(idx, cache=self.cache)[0][:, -1].float()
+        with torch.autocast(self.device.type, dtype=self.prefill_dtype):
+            return self.model(idx, cache=self.cache)[0][:, -1].float()
 
     def _decode(self, slots: list[int], tokens: dict[int, int]) -> torch.Tensor:
         """One batched forward of one token per slot; logits indexed by slot (rows 0..end-1)."""
@@ -175,13 +257,20 @@ class DecodeEngine:
                                         self.block_size)
         if len(slots) == end and len(set(pos)) == 1:  # slots 0..end-1 all step, at one position
             self.cache.decode_uniform(slice(0, end), pos[0], self.device)
-            return self.model(torch.tensor(ids, device=self.device)[:, None], cache=self.cache)[0][:, -1].float()
+            return self._one_token(torch.tensor(ids, device=self.device))
         t_k = max(pos[s] for s in slots) + 1
         return self._decode_forward(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), t_k)
 
     def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, t_k: int) -> torch.Tensor:
         self.cache.decode(slice(0, len(ids)), pos, t_k)
-        return self.model(ids[:, None], cache=self.cache)[0][:, -1].float()
+        return self._one_token(ids)
+
+    def _one_token(self, ids: torch.Tensor) -> torch.Tensor:
+        """The model on one token per row, as the cache's plan says; logits (rows, vocab)."""
+        if self.streamed is None:
+            return self.model(ids[:, None], cache=self.cache)[0][:, -1].float()
+        with self.streamed:
+            return self.model(ids[:, None], cache=self.cache)[0][:, -1].float()
 
     def _graph_step(self, ids: list[int], pos: list[int]) -> torch.Tensor:
         """The CUDA decoding step: captured once as a graph over static inputs, then replayed."""

@@ -43,12 +43,13 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 generator=None, use_cache=True):
-        """Continue each row of `idx` by `max_new_tokens` sampled tokens; returns (B, T + new)."""
+                 generator=None, use_cache=True, window="full"):
+        """Continue each row of `idx` by `max_new_tokens` sampled tokens; returns (B, T + new).
+        `window`: "full" (the lecture's last block_size tokens) or "chunked" (see engine.py)."""
         from tinygpt.sampling import generate_stream
 
         new = list(generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p,
-                                   generator, use_cache))
+                                   generator, use_cache, window))
         return torch.cat([idx, *new], dim=1) if new else idx
 
 
@@ -193,6 +194,8 @@ class GPTLanguageModel(LanguageModel):
             x = x + self.position_embedding_table(positions)  # (T, C) or (B, 1, C), broadcast
         for block in self.blocks:
             x = block(x, positions, self.rope, cache)
+        if cache is not None:  # generation wants the next token's logits only: (B, 1, vocab)
+            x = x[:, -1:]
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None if targets is None else self.loss(logits, targets)

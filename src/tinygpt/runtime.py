@@ -149,6 +149,17 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     return resolve_dtype(name, device)
 
 
+def prefill_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of generation's prompt and refill forwards (GEMMs over up to block_size tokens),
+    where it differs from the one-token steps': with "auto" on a CPU, bfloat16 where its matmul
+    measures faster (`choose_dtype`), since there the steps stay float32 (`inference_dtype`).
+    None: the same as the steps. Only `--dtype float32` then gives the float32 text exactly."""
+    if name == "auto" and device.type == "cpu":
+        dtype = resolve_dtype("auto", device)
+        return dtype if dtype != torch.float32 else None
+    return None
+
+
 def resolve_attention(name: str, device: torch.device) -> str:
     if name != "auto":
         return name

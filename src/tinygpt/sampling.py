@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt.config import check_sampling
-from tinygpt.engine import DecodeEngine
+from tinygpt.engine import DecodeEngine, slide
 
 
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = None,
@@ -43,18 +43,23 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = 
 def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None,
-                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+                    use_cache: bool = True, window: str = "full",
+                    prefill_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` next tokens, each (B, 1), continuing every row of `idx` (B, T).
 
-    The model sees at most its last `block_size` tokens, as in the lecture. With the cache (the
-    decode engine, `engine.py`) the prompt is processed once and each new token costs one
-    position for the whole batch; the text is the same as without it.
+    The model sees at most its last `block_size` tokens: with `window="full"` exactly those, as
+    in the lecture; with "chunked" a window that, once full, drops to its last half and grows
+    again (engine.py). With the cache (the decode engine) the prompt is processed once and each
+    new token costs one position for the whole batch; the text is the same as without it.
+    `prefill_dtype`: autocast the engine's prompt and refill forwards to it (see engine.py).
     """
+    block = model.config.block_size
     if use_cache:
-        engine = DecodeEngine(model, idx.shape[0])
+        engine = DecodeEngine(model, idx.shape[0], window=window, prefill_dtype=prefill_dtype)
         logits = engine.start_batch(idx)
     else:
-        logits = model(idx[:, -model.config.block_size :])[0][:, -1]
+        idx = idx[:, -block:]
+        logits = model(idx)[0][:, -1]
     for i in range(max_new_tokens):
         next_id = sample_next_token(logits, generator, temperature, top_k, top_p)  # (B, 1)
         yield next_id
@@ -62,6 +67,7 @@ def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
             break
         if use_cache:
             logits = engine.step_batch(next_id)
-        else:
-            idx = torch.cat([idx, next_id], dim=1)
-            logits = model(idx[:, -model.config.block_size :])[0][:, -1]
+        else:  # every row's context follows the same rule, so the rows stay one tensor
+            idx = torch.tensor([slide(row, t, block, window) for row, t in zip(idx.tolist(), next_id[:, 0].tolist())],
+                               device=idx.device)
+            logits = model(idx)[0][:, -1]

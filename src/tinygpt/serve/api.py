@@ -62,6 +62,10 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="return each token's log-probability and this many most likely "
                                  "alternatives per position (0: the chosen token's only)")
+    window: Literal["full", "chunked"] | None = Field(
+        None, description="past the model's block: full = its last block_size tokens (the lecture's text, a forward "
+        "over the whole block per token); chunked = once full, keep the last half and continue cached (faster, "
+        "other text). Default: the server's --window")
     user: str | None = Field(None, description="accepted for compatibility; unused")
 
     def prompts(self) -> list[str | list[int]]:

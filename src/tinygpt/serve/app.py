@@ -64,7 +64,7 @@ class Served:
     dtype: torch.dtype
 
 
-def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) -> FastAPI:
+def create_app(served: Served, api_key: str | None = None, max_batch: int = 16, window: str = "full") -> FastAPI:
     """The FastAPI app for `served`; its lifespan starts and stops the generation worker."""
     worker = Worker(served.model, served.tokenizer.decode, max_batch, served.device, served.dtype)
     model_id = served.card["id"]
@@ -171,7 +171,7 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16) 
                 score_prompt(served.model, served.device, ids, req.logprobs) if text else [] for ids, text in prompts])
             for c in choices:
                 c.prompt_entries = scored[c.index // n]
-        seqs = make_sequences(req, [ids for ids, _ in prompts], max_tokens, loop) if max_tokens else []
+        seqs = make_sequences(req, [ids for ids, _ in prompts], max_tokens, loop, window) if max_tokens else []
         try:
             worker.submit(seqs)
         except Busy as e:
@@ -344,14 +344,15 @@ class Choice:
         return out
 
 
-def make_sequences(req: CompletionRequest, ids: list[list[int]], max_tokens: int, loop) -> list[Sequence]:
+def make_sequences(req: CompletionRequest, ids: list[list[int]], max_tokens: int, loop,
+                   window: str = "full") -> list[Sequence]:
     """One Sequence per choice, numbered as OpenAI does: prompt i's choice j is index i * n + j."""
     n = req.n or 1
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     queue: asyncio.Queue = asyncio.Queue()
     temperature = 1.0 if req.temperature is None else req.temperature
     return [Sequence(i * n + j, prompt_ids, max_tokens, temperature, req.top_k, req.top_p, seed + j,
-                     req.stops(), loop, queue, logprobs=req.logprobs)
+                     req.stops(), loop, queue, logprobs=req.logprobs, window=req.window or window)
             for i, prompt_ids in enumerate(ids) for j in range(n)]
 
 

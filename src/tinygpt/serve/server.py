@@ -12,8 +12,9 @@ from tinygpt.runtime import inference_dtype, resolve_device
 
 
 def serve(ckpt: str, which: str = "best", host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          dtype: str = "auto", api_key: str | None = None, max_batch: int = 16) -> int:
-    """Serve the run in `ckpt` until interrupted. `port` 0 picks a free port (printed)."""
+          dtype: str = "auto", api_key: str | None = None, max_batch: int = 16, window: str = "full") -> int:
+    """Serve the run in `ckpt` until interrupted. `port` 0 picks a free port (printed). `window`:
+    the rule past the block for requests that do not choose one."""
     import uvicorn
 
     from tinygpt.serve.app import create_app
@@ -32,7 +33,7 @@ def serve(ckpt: str, which: str = "best", host: str = "127.0.0.1", port: int = 8
     url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
     print(f"serving {card['id']} ({card['checkpoint']} checkpoint, step {card['step']}, "
           f"{card['parameters']:,} parameters) on {served.device}: playground {url}/ API {url}/v1", flush=True)
-    app = create_app(served, api_key, max_batch)
+    app = create_app(served, api_key, max_batch, window)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -56,6 +56,7 @@ class Sequence:
     queue: asyncio.Queue
     cancelled: bool = False  # set from the event loop when the client is gone; read by the worker
     logprobs: int | None = None  # report each token's log-prob and this many alternatives
+    window: str = "full"  # the context rule past block_size (engine.py)
 
 
 def post(items: list[tuple[Sequence, Event]]) -> None:
@@ -147,7 +148,7 @@ class Worker:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.device, self.dtype = device, dtype
         with autocast(device, dtype):  # the cache takes the dtype the forward will run in
-            self.engine = DecodeEngine(model, max_batch)
+            self.engine = DecodeEngine(model, max_batch)  # float32 on CPU: log-probs are float32's
         self.waiting: collections.deque[Sequence] = collections.deque()  # guarded by cv
         self.free_slots = list(range(max_batch))[::-1]  # guarded by cv
         self.active: dict[int, _Active] = {}  # slot -> its sequence; the worker thread's alone
@@ -220,7 +221,7 @@ class Worker:
                     self.active[slot] = _Active(seq, TextStream(self.decode, seq.stop), generator, None)
                 try:
                     for slot, seq in admitted:
-                        self.active[slot].logits = self.engine.start(slot, seq.ids)
+                        self.active[slot].logits = self.engine.start(slot, seq.ids, seq.window)
                     self._step()
                 except Exception as e:  # a bug or out of memory: fail these requests, keep serving
                     if is_out_of_memory(e):
