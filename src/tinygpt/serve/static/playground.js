@@ -227,7 +227,8 @@ $("inspect").addEventListener("click", () => inspect().catch((err) => {
 }));
 $("layer").addEventListener("change", paintAttention);
 $("head").addEventListener("change", paintAttention);
-for (const kind of ["mouseover", "click"]) {
+// A mouse hovers; a finger taps (pointerup: a tap may never turn into a click on a phone).
+for (const kind of ["mouseover", "click", "pointerup"]) {
   $("attention").addEventListener(kind, (e) => {
     if (!e.target.classList.contains("att")) return;
     focused = Number(e.target.dataset.i);
@@ -237,7 +238,7 @@ for (const kind of ["mouseover", "click"]) {
     if (e.target.classList.contains("tok")) tokenTip(e.target);
   });
 }
-$("output").addEventListener("mouseleave", () => { $("tip").hidden = true; });
+$("output").addEventListener("pointerleave", (e) => { if (e.pointerType === "mouse") $("tip").hidden = true; });
 
 $("form").addEventListener("submit", generate);
 $("stop").addEventListener("click", () => controller && controller.abort());
