@@ -31,6 +31,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`-n 2`, the default in pyproject.toml) two workers share the cores: each
+# computes on one thread, and so do the processes its tests start (OpenMP threads that wait for
+# a core another process holds make torch many times slower: one thread per worker avoids it).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 TINY_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
     "All:\nSpeak, speak.\n\n"
