@@ -2,7 +2,9 @@
 never times what the hardware can only emulate."""
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from conftest import TINY, cli
 
@@ -69,3 +71,31 @@ def test_bench_times_each_dtype_asked_for_and_says_what_auto_picks(tmp_path, mon
     assert "--dtype auto: float32 (this CPU has no bf16 units" in r.out
     bad = cli("bench", "--preset", cfg, "--dtypes", "fp8")
     assert bad.code == 2 and "--dtypes takes float32, bfloat16, float16" in bad.err
+
+
+def test_window_loss_scores_each_rule_and_the_whole_split(trained_run, tmp_path):
+    """benchmarks/window_loss.py on a tiny run: its full-window figure is the model's own
+    sliding-window log-likelihood of the same tokens, and its whole-split figure `tinygpt eval`'s."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from tinygpt.checkpoint import load_run, read_run_meta
+    from tinygpt.scoring import token_logprobs
+
+    out = tmp_path / "wl.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "window_loss.py"), "--ckpt", str(trained_run),
+                        "--every", "3", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    model, tok = load_run(trained_run, "best")
+    ids = tok.encode(Path(read_run_meta(trained_run)["data_path"]).read_text(encoding="utf-8"))
+    val = ids[int(0.9 * len(ids)):]
+    block = model.config.block_size
+    lp = token_logprobs(model, val).chosen  # each token from the block_size before it (sliding window)
+    targets = range(block, len(val), 3)
+    assert got["full"] == pytest.approx(-sum(lp[t] for t in targets) / len(targets), abs=1e-4)
+    e = cli("eval", "--ckpt", trained_run, "--json")
+    assert got["whole_split"] == pytest.approx(json.loads(e.out)["val"]["loss"], abs=1e-4)
+    assert got["chunked"] != got["full"]

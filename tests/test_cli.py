@@ -93,6 +93,27 @@ def test_num_samples_is_one_batch_of_reproducible_samples(trained_run):
     assert samples(8) != first
 
 
+def test_sample_window_chooses_the_rule_past_the_block(trained_run):
+    """`--window chunked` prints what the engine's chunked rule generates, `full` (the default)
+    the lecture's; past the block (16 here) they differ."""
+    from tinygpt.sampling import generate_stream
+
+    model, tok = load_run(trained_run, "best")
+    out = {}
+    for window in ("full", "chunked"):
+        r = cli("sample", "--ckpt", trained_run, "--prompt", "All:", "--max-new-tokens", 60, "--seed", 3,
+                "--dtype", "float32", "--window", window)
+        assert r.code == 0, r.err
+        gen = torch.Generator().manual_seed(3)
+        ids = torch.tensor([tok.encode("All:")])
+        want = tok.decode([int(t) for t in generate_stream(model, ids, 60, generator=gen, window=window)])
+        assert r.out == "All:" + want + "\n"
+        out[window] = r.out
+    assert out["full"] != out["chunked"]
+    assert cli("sample", "--ckpt", trained_run, "--prompt", "All:", "--max-new-tokens", 60, "--seed", 3,
+               "--dtype", "float32").out == out["full"]  # full is the default
+
+
 def test_sample_and_eval_say_which_checkpoint_they_use(trained_run):
     best, latest = checkpoint_dir(trained_run, "best"), checkpoint_dir(trained_run, "latest")
     for command in (["sample", "--max-new-tokens", 3], ["eval", "--split", "val"]):
