@@ -46,6 +46,12 @@ from torch import nn
 WINDOWS = ("full", "chunked")
 
 
+def check_window(window: str) -> str:
+    if window not in WINDOWS:
+        raise ValueError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
+    return window
+
+
 def chunk_keep(block_size: int) -> int:
     """Tokens the chunked window keeps when it is full: the last half of the block."""
     return max(1, block_size // 2)
@@ -155,10 +161,8 @@ class DecodeEngine:
 
     def __init__(self, model, max_batch: int, static: bool | None = None, window: str = "full",
                  prefill_dtype: torch.dtype | None = None):
-        if window not in WINDOWS:
-            raise ValueError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
         self.model = model
-        self.window = window  # the rule of slots started without their own
+        self.window = check_window(window)  # the rule of slots started without their own
         # Prompts and full-window refills are GEMMs over up to block_size tokens: on a CPU whose
         # bf16 matmul is faster, they may run in bf16 while the one-token steps stay in float32.
         self.prefill_dtype = prefill_dtype
@@ -185,9 +189,7 @@ class DecodeEngine:
         `window`'s rule (default: the engine's); next-token logits."""
         if not ids:
             raise ValueError("a prompt needs at least one token")
-        if window is not None and window not in WINDOWS:
-            raise ValueError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
-        self.windows[slot] = window or self.window
+        self.windows[slot] = self.window if window is None else check_window(window)
         self.context[slot] = list(ids[-self.block_size :])
         return self._prefill(slice(slot, slot + 1), torch.tensor([self.context[slot]], device=self.device))[0]
 

@@ -18,7 +18,6 @@ run's choice (bfloat16 where the run computes in it, float32 otherwise). The upd
 `torch.optim.Muon`'s otherwise, to rounding (a test compares them).
 """
 
-import dataclasses
 import math
 
 import torch
@@ -243,17 +242,16 @@ def lr_at(step: int, cfg, horizon: int | None = None) -> float:
     """The learning rate of `step`: linear warm-up, then constant, cosine down to min_lr, or wsd:
     constant until the last `cooldown_frac` of the steps, then linear down to min_lr. The steps
     are `max_iters`, or `horizon` where --max-time allows fewer (`fit_horizon`)."""
-    if horizon is not None and horizon < cfg.max_iters:
-        cfg = dataclasses.replace(cfg, max_iters=max(horizon, cfg.warmup_iters + 1))
+    total = cfg.max_iters if horizon is None or horizon >= cfg.max_iters else max(horizon, cfg.warmup_iters + 1)
     if cfg.warmup_iters and step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / cfg.warmup_iters
     if cfg.lr_schedule == "constant":
         return cfg.learning_rate
     if cfg.lr_schedule == "wsd":
-        cooldown = max(1, round(cfg.cooldown_frac * cfg.max_iters))
-        progress = min(1.0, max(0, step - (cfg.max_iters - cooldown)) / cooldown)
+        cooldown = max(1, round(cfg.cooldown_frac * total))
+        progress = min(1.0, max(0, step - (total - cooldown)) / cooldown)
         return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
-    span = max(1, cfg.max_iters - cfg.warmup_iters)
+    span = max(1, total - cfg.warmup_iters)
     progress = min(1.0, (step - cfg.warmup_iters) / span)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 

@@ -235,6 +235,7 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
     model_cfg = C.build(C.ModelConfig, {**C.to_dict(model_cfg), "vocab_size": tokenizer.vocab_size})
     corpus = load_corpus(tokens, model_cfg.block_size)  # memory-mapped: memory does not grow with it
     dtype = resolve_dtype(cfg.dtype, device)
+    ns_dtype = muon_ns_dtype(dtype)  # --optimizer muon's Newton-Schulz iteration
     kernel = resolve_attention(model_cfg.attention, device)
     resources.check_training_fits(model_cfg, cfg.batch_size, cfg.grad_accum, dtype, device, kernel)
     _use_threads(cfg, device, note)  # said here, once the input is known to be good
@@ -246,7 +247,7 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
             runs.load_init_weights(model, cfg)
         model.to(device)
         model.set_attention(kernel)
-        optimizer = make_optimizer(model, cfg, muon_ns_dtype(dtype))
+        optimizer = make_optimizer(model, cfg, ns_dtype)
     scaler = grad_scaler(dtype, device)
     sampler = BatchSampler(corpus.train, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.grad_accum,
                            rank=dist.rank, world=dist.world)
@@ -267,8 +268,7 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
         note(f"resuming {run_dir} at step {state.step}")
     else:
         run_dir = dist.on_main(runs.new_run_dir, cfg, model_cfg, tokenizer,
-                               runs.run_record(cfg, data_path, dtype, kernel, device, dist.world,
-                                               muon_ns_dtype(dtype)))
+                               runs.run_record(cfg, data_path, dtype, kernel, device, dist.world, ns_dtype))
 
     with resources.memory_guard(lambda: _out_of_memory("probe", state.step, state.step if cfg.resume else None,
                                                        run_dir, cfg, model_cfg, device, dtype)):
