@@ -21,10 +21,11 @@ import torch
 from conftest import TINY_TEXT, shakespeare_path, tiny_configs
 
 from tinygpt import corpus as K
-from tinygpt import data
+from tinygpt import data, documents
 from tinygpt.cli import main
 from tinygpt.errors import UserError
 from tinygpt.tokenizer import BPETokenizer, line_groups, load_tokenizer, train_tokenizer
+from tinygpt.tokenizer import tokenizer_from_json as load_tokenizer_json
 from tinygpt.train import train
 
 # Multi-byte characters (2, 3 and 4 bytes in UTF-8), CRLF and LF line ends, runs of spaces.
@@ -36,7 +37,7 @@ MIXED = ("Ça va? Æsir — naïve 日本語のテキスト. 🙂 ok!\r\nHe said
 def small_chunks(monkeypatch):
     """Read 7 bytes at a time and hand BPE pieces of ~40 characters: every multi-byte character
     and many words are cut somewhere."""
-    monkeypatch.setattr(K, "CHUNK_BYTES", 7)
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 7)
     monkeypatch.setattr(K, "PIECE_CHARS", 40)
 
 
@@ -109,18 +110,21 @@ def test_token_type_fits_the_vocabulary(tmp_path):
     assert_same_as_in_memory(token_file, text, train_tokenizer("char", text))
 
 
-def test_directory_is_every_txt_below_it_in_sorted_path_order(tmp_path, small_chunks):
+def test_directory_is_every_text_file_below_it_in_sorted_path_order_a_document_each(tmp_path, small_chunks):
     root = tmp_path / "books"
     parts = {"b.txt": "BBBB\n" * 20, "a/z.txt": "zzz\n" * 20, "a/b/c.txt": "Ça ccc\r\n" * 20,
-             "a-b.txt": "dash\n" * 20, "notes.md": "not text\n"}
+             "a-b.txt": "dash\n" * 20, "notes.md": "more text\n", "data.bin": "not read", ".hidden/x.txt": "no"}
     for name, text in parts.items():
         write(root / name, text)
-    expected = "".join(parts[n] for n in ("a/b/c.txt", "a/z.txt", "a-b.txt", "b.txt"))  # nothing in between
-    token_file = K.prepare(root)
+    order = ["a/b/c.txt", "a/z.txt", "a-b.txt", "b.txt", "notes.md"]
+    token_file = K.prepare(root, layout=K.Layout(val_split="tail"))
     header = K.read_header(token_file)[0]
-    assert [Path(s["path"]).relative_to(root.resolve()).as_posix() for s in header["sources"]] == \
-        ["a/b/c.txt", "a/z.txt", "a-b.txt", "b.txt"]
-    assert_same_as_in_memory(token_file, expected, train_tokenizer("char", expected))
+    assert [Path(s["path"]).relative_to(root.resolve()).as_posix() for s in header["sources"]] == order
+    tok = load_tokenizer_json(header["tokenizer"])
+    assert header["documents"] == 5 and tok.eot_id == 0 and tok.chars[1:] == sorted(set("".join(parts[n] for n in order)))
+    _, ids = K.open_tokens(token_file)
+    expected = [i for n in order for i in tok.encode(parts[n]) + [tok.eot_id]]  # each file, then the token
+    assert ids.tolist() == expected
 
 
 def test_reused_while_unchanged_and_encoded_again_when_changed(tmp_path):

@@ -103,7 +103,7 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
                        "train splits: consecutive non-overlapping windows of block_size, each token "
                        "predicted once.")
     add_run_args(p)
-    p.add_argument("--data", help="text file to evaluate on (default: the run's own data)")
+    p.add_argument("--data", help="data to evaluate on, split as the run's was (default: the run's own data)")
     p.add_argument("--split", choices=("val", "train", "both"), default="both",
                    help="which split(s) to evaluate (default: 'both')")
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: 32)")
@@ -129,9 +129,7 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
                        description="Encode the text once into a file of token ids (in $TINYGPT_CACHE_DIR, "
                        "default DATA_DIR/encoded) that train and eval memory-map. train does this on first "
                        "use; the file is reused while the text is unchanged.")
-    p.add_argument("--data", help="UTF-8 text file, or a directory: every *.txt below it, in sorted path "
-                   "order, as one corpus (default: Tiny Shakespeare)")
-    add_fields(p, C.TrainConfig, only={"tokenizer", "vocab_size"})
+    add_fields(p, C.TrainConfig, only={"data", "tokenizer", "vocab_size", "text_field", "val_split", "val_fraction"})
     p.add_argument("--force", action="store_true", help="encode again even if the file is up to date, "
                    "replacing a damaged one")
 
@@ -287,14 +285,20 @@ def cmd_sample(args) -> int:
     shown = ""
     if stream:
         out.write(prompt)
+    eot = tokenizer.eot_id if cfg.stop_at_end else None
+    ended = [False] * cfg.num_samples  # which samples reached the end of their document
     with autocast(device, dtype), memory_guard(
         f"out of memory on {device.type} sampling {cfg.num_samples} sample(s) at once (batch {cfg.num_samples} "
         f"x block {model.config.block_size}, {str(dtype).removeprefix('torch.')}); use a smaller --num-samples"
     ):
         for t in generate_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gen,
                                  cfg.kv_cache, cfg.window, prefill_dtype(getattr(args, "dtype", "auto"), device)):
-            for row, token in zip(new, t[:, 0].tolist()):
-                row.append(token)
+            for i, token in enumerate(t[:, 0].tolist()):
+                ended[i] = ended[i] or token == eot
+                if not ended[i]:
+                    new[i].append(token)
+            if all(ended):
+                break
             if stream:
                 text = tokenizer.decode(new[0])
                 if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -358,18 +362,18 @@ def cmd_eval(args) -> int:
     import torch
 
     from tinygpt.checkpoint import configs_from_meta, load_run, read_run_meta
-    from tinygpt.corpus import load_corpus, prepare
+    from tinygpt.corpus import Layout, load_corpus, prepare
     from tinygpt.evaluate import evaluate_split
     from tinygpt.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(getattr(args, "device", "auto"))
     dtype = resolve_dtype(getattr(args, "dtype", "auto"), device)
     meta = read_run_meta(Path(args.ckpt))
-    model_cfg, _ = configs_from_meta(meta)
+    model_cfg, train_cfg = configs_from_meta(meta)
     model, tokenizer = load_run(args.ckpt, args.which, device)
-    data_path = Path(args.data or meta["data_path"])
-    corpus = load_corpus(prepare(data_path, tokenizer, log=lambda line: sys.stderr.write(line + "\n")),
-                         model_cfg.block_size)
+    data_path = args.data or meta["data_path"]
+    corpus = load_corpus(prepare(data_path, tokenizer, log=lambda line: sys.stderr.write(line + "\n"),
+                                 layout=Layout.of(train_cfg)), model_cfg.block_size)
     say_which(args.ckpt, args.which)
     results = {"run": str(args.ckpt), "data": str(data_path)}
     splits = {"val": (corpus.val, corpus.val_chars), "train": (corpus.train, corpus.train_chars)}
@@ -380,7 +384,7 @@ def cmd_eval(args) -> int:
             f"{model_cfg.block_size}, {str(dtype).removeprefix('torch.')}); use a smaller --batch-size"
         ):
             results[name] = evaluate_split(model, data, model_cfg.block_size, device, dtype, n_chars,
-                                           args.batch_size)
+                                           args.batch_size, eot=corpus.eot)
     if args.json:
         print(json.dumps(results))
     else:
@@ -401,13 +405,16 @@ def cmd_serve(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from tinygpt.corpus import prepare, read_header
+    from tinygpt.corpus import Layout, describe, prepare, read_header
     from tinygpt.data import find_corpus
 
-    cfg = C.build(C.TrainConfig, {k: getattr(args, k) for k in ("tokenizer", "vocab_size") if hasattr(args, k)})
-    path = prepare(find_corpus(args.data), kind=cfg.tokenizer, vocab_size=cfg.vocab_size, force=args.force,
-                   log=lambda line: sys.stderr.write(line + "\n"))
+    keys = ("tokenizer", "vocab_size", "text_field", "val_split", "val_fraction")
+    cfg = C.build(C.TrainConfig, {k: getattr(args, k) for k in keys if hasattr(args, k)})
+    path = prepare(find_corpus(getattr(args, "data", None)), kind=cfg.tokenizer, vocab_size=cfg.vocab_size,
+                   force=args.force, log=lambda line: sys.stderr.write(line + "\n"), layout=Layout.of(cfg))
     header, _ = read_header(path)
+    if header["documents"] > 1 or header["empty_documents"]:
+        sys.stderr.write(describe(header) + "\n")
     print(f"{path}: {header['train_tokens']:,} train + {header['val_tokens']:,} val tokens ({header['dtype']}) "
           f"of {header['chars']:,} characters")
     return 0

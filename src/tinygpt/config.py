@@ -90,8 +90,18 @@ class ModelConfig:
 class TrainConfig:
     """How to train. Defaults are the lecture's GPT recipe."""
 
-    data: str | None = setting(None, "UTF-8 text file to train on, or a directory: every *.txt below it, in "
-                                   "sorted path order (default: Tiny Shakespeare, downloaded once)")
+    data: str | None = setting(
+        None, "what to train on: a UTF-8 text file (.txt, .md, any text), .jsonl, .csv, .tsv or .parquet (a record a "
+        "document), a directory of these (a file a document, sorted path order), or hf:NAME[:SPLIT], a Hugging Face "
+        "dataset (default: Tiny Shakespeare, downloaded once)")
+    text_field: str = setting("text", "the field (.jsonl) or column (.csv, .tsv, .parquet, hf:) that holds each "
+                              "document's text")
+    val_split: str = setting(
+        "auto", "how val is held out: tail = the last --val-fraction of the text (the lecture's); documents = a "
+        "fixed, seeded share of whole documents; auto = documents from 20 documents on, else tail",
+        choices=("auto", "tail", "documents"))
+    val_fraction: float = setting(0.1, "the share of the text (tail) or of the documents (documents) held out as val",
+                                  gt=0, lt=1)
     out: str | None = setting(None, "run directory to write (default: runs/MODEL-TIMESTAMP)")
     resume: str | None = setting(None, "continue the run in this directory from its latest checkpoint")
     overwrite: bool = setting(False, "allow replacing an existing run directory given by --out")
@@ -175,6 +185,8 @@ class SampleConfig:
         "full", "past block_size: full = the last block_size tokens, exactly the lecture's text (a forward over "
         "the whole block per token); chunked = once full, keep the last half and continue cached (several "
         "times faster; other text)", choices=("full", "chunked"))
+    stop_at_end: bool = setting(True, "end a sample where the model ends its document (runs trained on many "
+                                "documents: .jsonl, .csv, a folder ...), instead of going on into the next")
     show_probs: bool = setting(False, "after the text, how likely the model found each generated token and what "
                                "else it considered (coloured on a terminal; a table otherwise)")
 

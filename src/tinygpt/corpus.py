@@ -27,7 +27,7 @@ is not a token file or is cut short is an error that says how to re-encode: it i
 replaced, since it might not be ours.
 """
 
-import codecs
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,22 +37,23 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain, takewhile
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
+from tinygpt.documents import END, Source, is_hf, load_hf, open_source, pieces
 from tinygpt.errors import UserError
 from tinygpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, tokenizer_from_json
 
 MAGIC = b"tinygpt tokens\n\0"  # 16 bytes
-FORMAT = 1
+FORMAT = 2  # 2: documents, their end-of-document token and the split's layout in the header
 ALIGN = 4096  # ids start on a page boundary
-CHUNK_BYTES = 1 << 24  # 16 MB read at a time: large enough to keep numpy busy, small next to RAM
 HASH_CHECK_BELOW = 64 << 20  # below this, reuse also checks the sha256 (about 60 ms at 64 MB)
 ANNOUNCE_FROM = 16 << 20  # encoding a smaller text takes well under a second: no progress lines
 PIECE_CHARS = 1 << 16  # BPE: characters per piece handed to the batch encoder
-TRAIN_FRAC = 0.9
+AUTO_DOCUMENTS = 20  # --val-split auto holds out whole documents from this many on (else the tail)
+SPLIT_SEED = 0  # the documents split's own seed: runs with any --seed share one val split
 
 
 def cache_dir() -> Path:
@@ -65,68 +66,56 @@ def cache_dir() -> Path:
     return data_dir() / "encoded"
 
 
-def cache_path(data: Path, recipe: str) -> Path:
-    """The token file of `data` (as its absolute path) encoded by `recipe` ("*": any recipe)."""
-    where = Path(data).resolve()
-    key = hashlib.sha256(str(where).encode()).hexdigest()[:12]
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", where.stem)[:40] or "corpus"
-    return cache_dir() / f"{name}-{key}-{recipe}.tokens"
+def cache_path(data, recipe: str, layout: "Layout | None" = None) -> Path:
+    """The token file of `data` (its absolute path, or hf:NAME) encoded by `recipe` ("*": any
+    recipe) into the splits `layout` asks for."""
+    where = data if is_hf(data) else str(Path(data).resolve())
+    key = hashlib.sha256(where.encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(where).stem if not is_hf(data) else where[3:])[:40] or "corpus"
+    return cache_dir() / f"{name}-{key}-{recipe}{(layout or Layout()).tag()}.tokens"
 
 
-def source_files(data: Path) -> list[Path]:
-    """The files of a corpus: `data` itself, or every `*.txt` below a directory, in sorted path
-    order (compared folder by folder), read one after the other with nothing in between."""
-    data = Path(data)
-    if data.is_dir():
-        files = sorted((p for p in data.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(data).parts)
-        if not files:
-            raise UserError(f"data path {data} is a directory; give a text file inside it, or put *.txt "
-                            "files below it (--data DIR reads them all)")
-        return files
-    if not data.exists():
-        raise UserError(f"data file {data} does not exist; give a UTF-8 text file with --data PATH")
-    return [data]
+@dataclass(frozen=True)
+class Layout:
+    """How a corpus's documents become its two splits: the train flags --text-field,
+    --val-split and --val-fraction, which a run records and its resume and eval reuse."""
+
+    text_field: str = "text"
+    val_split: str = "auto"  # tail | documents | auto: documents from AUTO_DOCUMENTS documents on
+    val_fraction: float = 0.1
+
+    @classmethod
+    def of(cls, cfg) -> "Layout":
+        """The layout a TrainConfig (or run.json's train settings, as a dict) asks for."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
+        return cls(get("text_field", "text"), get("val_split", "auto"), get("val_fraction", 0.1))
+
+    def tag(self) -> str:
+        """"" for the defaults (token files keep their old names), else a short hash."""
+        if self == Layout():
+            return ""
+        return "-" + hashlib.sha256(json.dumps(dataclasses.astuple(self)).encode()).hexdigest()[:8]
 
 
-def read_pieces(files: Iterable[Path], digest=None) -> Iterator[str]:
-    """The text of `files`, one after the other, in pieces: read CHUNK_BYTES at a time, never whole,
-    and decoded as UTF-8 incrementally (a character cut between two chunks comes out whole).
-    Bytes are kept as they are ("\\r\\n" stays). `digest` (a hashlib object) sees every byte."""
-    for path in files:
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        done = 0  # bytes read from this file so far
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise UserError(f"cannot read data file {path}: {e.strerror}") from None
-        with f:
-            while True:
-                raw = f.read(CHUNK_BYTES)
-                pending = len(decoder.getstate()[0])  # bytes of a character begun in the last chunk
-                try:
-                    text = decoder.decode(raw, final=not raw)
-                except UnicodeDecodeError as e:
-                    raise UserError(f"data file {path} is not valid UTF-8 (byte {done - pending + e.start}); "
-                                    "convert it, e.g. with iconv -t UTF-8") from None
-                if digest is not None:
-                    digest.update(raw)
-                done += len(raw)
-                if text:
-                    yield text
-                if not raw:
-                    break
+def source_files(data) -> list[Path]:
+    """The files of a corpus (see `tinygpt.documents`); none for a Hugging Face dataset."""
+    return list(open_source(data).files)
 
 
 @dataclass
 class Scan:
     chars: int  # how many characters the text has
     alphabet: str  # its distinct characters, in order of first appearance
+    documents: int = 1  # documents with text
+    empty: int = 0  # documents without, skipped
 
 
-def scan(files: list[Path]) -> Scan:
-    """One pass over the text: its length in characters and its alphabet."""
-    n, alphabet, known_ascii = 0, {}, b""
-    for text in read_pieces(files):
+def scan(source: Source) -> Scan:
+    """One pass over the text: its length in characters, its alphabet and its documents."""
+    n, alphabet, known_ascii, counts = 0, {}, b"", {}
+    for text in pieces(source, counts=counts):
+        if text is END:
+            continue
         n += len(text)
         for i in range(0, len(text), 1 << 16):  # small slices: the known ASCII set fills up at once
             # Dropping the ASCII bytes already seen (bytes.translate, hundreds of MB/s) leaves, for
@@ -137,12 +126,12 @@ def scan(files: list[Path]) -> Scan:
                 if ch not in alphabet:
                     alphabet[ch] = None
                     known_ascii += ch.encode("ascii") if ch.isascii() else b""
-    return Scan(n, "".join(alphabet))
+    return Scan(n, "".join(alphabet), counts["documents"], counts["empty"])
 
 
-def text_alphabet(data: Path) -> str:
+def text_alphabet(data, text_field: str = "text") -> str:
     """The distinct characters of the corpus at `data`, in order of first appearance."""
-    return scan(source_files(data)).alphabet
+    return scan(open_source(data, text_field)).alphabet
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -163,7 +152,8 @@ class CharEncoder:
     def __init__(self, tokenizer: CharTokenizer):
         self.dtype = token_dtype(tokenizer.vocab_size)
         self.table = np.zeros(0x110000, dtype=self.dtype)
-        self.table[[ord(c) for c in tokenizer.chars]] = np.arange(tokenizer.vocab_size)
+        ids = [i for i, c in enumerate(tokenizer.chars) if len(c) == 1]  # not the end-of-document token
+        self.table[[ord(tokenizer.chars[i]) for i in ids]] = ids
         self.ascii = self.table[:256].tobytes() if self.dtype == np.uint8 else None
 
     def encode(self, text: str) -> np.ndarray:
@@ -225,16 +215,35 @@ def make_encoder(tokenizer: Tokenizer) -> CharEncoder | BPEEncoder:
     return CharEncoder(tokenizer) if isinstance(tokenizer, CharTokenizer) else BPEEncoder(tokenizer)
 
 
-def split_pieces(pieces: Iterable[str], at: int) -> Iterator[tuple[int, str]]:
-    """(0, text) for the first `at` characters (train), then (1, text) for the rest (val)."""
-    seen = 0
-    for text in pieces:
-        cut = min(max(at - seen, 0), len(text))
+def split_stream(stream: Iterable[str | None], split_at: int | None, val_docs: np.ndarray | None
+                 ) -> Iterator[tuple[int, str | None]]:
+    """(part, piece) for every piece and END of `stream`, part 0 for train and 1 for val: the
+    tail split puts the first `split_at` characters in train (a piece across it is cut), the
+    documents split puts document i in val where `val_docs[i]`."""
+    seen, doc = 0, 0
+    for text in stream:
+        if val_docs is not None:
+            yield int(val_docs[doc]), text
+            doc += text is END
+            continue
+        if text is END:
+            yield int(seen > split_at), END  # with the part its document's last character went to
+            continue
+        cut = min(max(split_at - seen, 0), len(text))
         if cut:
             yield 0, text[:cut]
         if cut < len(text):
             yield 1, text[cut:]
         seen += len(text)
+
+
+def choose_val_docs(n: int, fraction: float) -> np.ndarray:
+    """Which of `n` documents are val: a share `fraction` of them (at least one), drawn by a fixed
+    seed, so the split is the same for every run and machine."""
+    k = max(1, round(fraction * n))
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(SPLIT_SEED).permutation(n)[:k]] = True
+    return mask
 
 
 # --- the token file ----------------------------------------------------------------------------------
@@ -346,31 +355,30 @@ def _damaged(path: Path, what: str, redo: str) -> UserError:
 # --- prepare: encode if missing or stale -------------------------------------------------------------
 
 
-def prepare(data: Path, tokenizer: Tokenizer | None = None, kind: str = "char", vocab_size: int = 512,
-            force: bool = False, log: Callable = lambda *a: None) -> Path:
-    """The token file of `data` (a text file, or a directory of *.txt files), encoded with
-    `tokenizer` (a run's) or, without one, with a new `kind` tokenizer trained on the data:
-    reused when fresh, else (or when `force`d) encoded now. Returns its path."""
-    data = Path(data)
-    files = source_files(data)
+def prepare(data, tokenizer: Tokenizer | None = None, kind: str = "char", vocab_size: int = 512,
+            force: bool = False, log: Callable = lambda *a: None, layout: Layout | None = None) -> Path:
+    """The token file of `data` (anything `tinygpt.documents` reads), split as `layout` says,
+    encoded with `tokenizer` (a run's) or, without one, with a new `kind` tokenizer trained on the
+    data: reused when fresh, else (or when `force`d) encoded now. Returns its path."""
+    layout = layout or Layout()
+    source = open_source(data, layout.text_field)
     recipe = "char" if kind == "char" else f"bpe{vocab_size}"
     if tokenizer is not None:
         wanted = tokenizer.to_json()
         # Usually the data was encoded with this tokenizer already (the run was trained on it):
-        # any fresh file of the data with the very same tokenizer will do.
-        pattern = cache_path(data, "*")
+        # any fresh file of the data with the very same tokenizer and layout will do.
+        pattern = cache_path(source.key(), "*", layout)
         for path in [] if force else sorted(pattern.parent.glob(pattern.name)):
-            if _fresh(path, files, _redo(data, path.stem.rsplit("-", 1)[-1])) and \
-                    read_header(path)[0]["tokenizer"] == wanted:
+            if _fresh(path, source, layout, _redo(data, "")) and read_header(path)[0]["tokenizer"] == wanted:
                 return path
         recipe = "tok" + hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_path(data, recipe)
-    if force or not _fresh(path, files, _redo(data, recipe)):
-        encode(data, files, path, tokenizer, recipe, vocab_size, log)
+    path = cache_path(source.key(), recipe, layout)
+    if force or not _fresh(path, source, layout, _redo(data, recipe)):
+        encode(source, path, tokenizer, recipe, vocab_size, log, layout)
     return path
 
 
-def _redo(data: Path, recipe: str) -> str:
+def _redo(data, recipe: str) -> str:
     if recipe == "char":
         return f", or run: tinygpt prepare --data {data} --force"
     if recipe.startswith("bpe"):
@@ -378,72 +386,130 @@ def _redo(data: Path, recipe: str) -> str:
     return ""
 
 
-def _sources(files: list[Path]) -> list[dict]:
-    stats = [(p, p.stat()) for p in files]
+def _sources(source: Source) -> list[dict]:
+    """What the token file was made from, to tell when it is stale: each file's size and mtime,
+    or a Hugging Face dataset's fingerprint."""
+    if source.is_hf:
+        return [{"hf": source.spec, "fingerprint": load_hf(source.spec)._fingerprint}]
+    stats = [(p, p.stat()) for p in source.files]
     return [{"path": str(p.resolve()), "size": s.st_size, "mtime_ns": s.st_mtime_ns} for p, s in stats]
 
 
-def _fresh(path: Path, files: list[Path], redo: str) -> bool:
-    """Does the token file at `path` hold the current text of `files`?"""
+def _fresh(path: Path, source: Source, layout: Layout, redo: str) -> bool:
+    """Does the token file at `path` hold the current text of `source`, split as `layout` says?"""
     if not path.exists():
         return False
-    header, _ = read_header(path, redo)
-    sources = _sources(files)
-    if header["sources"] != sources:
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC) + 4 + 64)
+    if head.startswith(MAGIC) and b'"format": 1,' in head:  # ours, from tinygpt 0.5 or before: encode again
         return False
-    if sum(s["size"] for s in sources) < HASH_CHECK_BELOW:  # cheap: catch an edit that kept size and mtime
+    header, _ = read_header(path, redo)
+    sources = _sources(source)
+    if header["sources"] != sources or header.get("layout") != dataclasses.asdict(layout):
+        return False
+    if not source.is_hf and sum(s["size"] for s in sources) < HASH_CHECK_BELOW:  # catch an edit that kept size, mtime
         digest = hashlib.sha256()
-        for _ in read_pieces(files, digest):
+        for _ in pieces(source, digest):
             pass
         return digest.hexdigest() == header["sha256"]
     return True
 
 
-def encode(data: Path, files: list[Path], dest: Path, tokenizer: Tokenizer | None, recipe: str,
-           vocab_size: int = 512, log: Callable = lambda *a: None) -> None:
-    """Stream the text of `files` into the token file `dest`: a first pass counts characters
-    and finds the alphabet; a new BPE tokenizer is trained on the train split; then the text is
-    encoded split by split. A file changed meanwhile is an error, never a mixed encoding."""
+def encode(source: Source, dest: Path, tokenizer: Tokenizer | None, recipe: str, vocab_size: int = 512,
+           log: Callable = lambda *a: None, layout: Layout | None = None) -> None:
+    """Stream the documents of `source` into the token file `dest`: a first pass counts
+    characters and documents and finds the alphabet; a new tokenizer is trained (BPE: on the
+    train split); then every document is encoded into its split, followed by the end-of-document
+    token where there are several. A file changed meanwhile is an error, never a mixed encoding."""
+    layout = layout or Layout()
     t0 = time.perf_counter()
-    before = _sources(files)
-    size = sum(s["size"] for s in before)
-    log = log if size >= ANNOUNCE_FROM else (lambda *a: None)
-    log(f"encoding {data} ({size / 1e6:,.0f} MB) once into {dest}; later runs reuse it")
-    found = scan(files)
-    what = "directory" if Path(data).is_dir() else "file"
+    before = _sources(source)
+    size = sum(s.get("size", 0) for s in before)
+    log = log if size >= ANNOUNCE_FROM or source.is_hf else (lambda *a: None)
+    log(f"encoding {source.spec} ({size / 1e6:,.0f} MB) once into {dest}; later runs reuse it")
+    found = scan(source)
     if found.chars == 0:
-        raise UserError(f"data {what} {data} is empty; give a file with text in it")
-    split_at = int(TRAIN_FRAC * found.chars)
+        if found.empty > 1:
+            raise UserError(f"{source.what} has no text: its {found.empty:,} documents are all empty; check "
+                            "--text-field, or give data with text in it")
+        raise UserError(f"{source.what} is empty; give a file with text in it")
+    split = layout.val_split
+    if split == "auto":
+        split = "documents" if found.documents >= AUTO_DOCUMENTS else "tail"
+    if split == "documents":
+        if found.documents < 2:
+            raise UserError(f"{source.what} is one document, so no whole document can be held out; use "
+                            "--val-split tail (the last part of the text is val)")
+        val_docs, split_at = choose_val_docs(found.documents, layout.val_fraction), None
+    else:
+        val_docs, split_at = None, int(round(1 - layout.val_fraction, 12) * found.chars)
+    documents = found.documents > 1
     if tokenizer is None and recipe == "char":
-        tokenizer = CharTokenizer(sorted(found.alphabet))
+        tokenizer = CharTokenizer.train(found.alphabet, documents)
     elif tokenizer is None:
-        train_text = (text for _, text in takewhile(lambda p: p[0] == 0, split_pieces(read_pieces(files), split_at)))
-        tokenizer = BPETokenizer.train(train_text, vocab_size)
+        train_text = (t for part, t in split_stream(pieces(source), split_at, val_docs) if part == 0 and t is not END)
+        tokenizer = BPETokenizer.train(train_text, vocab_size, documents)
     elif tokenizer.unknown(found.alphabet):
         unknown = tokenizer.unknown(found.alphabet)
         shown = ", ".join(map(repr, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-        raise UserError(f"data {what} {data} has {len(unknown)} character(s) the run's tokenizer does not know: "
+        raise UserError(f"{source.what} has {len(unknown)} character(s) the run's tokenizer does not know: "
                         f"{shown}; remove them, or train a new run on this text")
-    encoder = make_encoder(tokenizer)
-    header = {"format": FORMAT, "dtype": encoder.dtype.name, "recipe": recipe, "data": str(Path(data).resolve()),
+    # A run's tokenizer without the token (trained by tinygpt 0.5, or on one text) joins documents
+    # with nothing between them, as tinygpt 0.5 did.
+    eot = tokenizer.eot_id if documents else None
+    encoders = [make_encoder(tokenizer), make_encoder(tokenizer)]  # train, val: each holds back its own text
+    eot_ids = np.array([eot if eot is not None else 0], dtype=encoders[0].dtype)
+    header = {"format": FORMAT, "dtype": encoders[0].dtype.name, "recipe": recipe, "data": source.key(),
               "sources": before, "sha256": "0" * 64, "chars": found.chars, "split_char": split_at,
-              "train_tokens": 0, "val_tokens": 0, "tokenizer": tokenizer.to_json()}
+              "train_tokens": 0, "val_tokens": 0, "train_chars": 0, "val_chars": 0, "tokenizer": tokenizer.to_json(),
+              "layout": dataclasses.asdict(layout), "val_split": split, "eot": eot,
+              "documents": found.documents, "empty_documents": found.empty, "val_documents": None}
     digest = hashlib.sha256()
-    with TokenWriter(dest, header_room=len(json.dumps(header)) + 256) as out:
-        train_tokens = None
-        for part, text in split_pieces(read_pieces(files, digest), split_at):
-            if part == 1 and train_tokens is None:  # the train split ends: encode what it held back
-                out.write(encoder.flush())
-                train_tokens = out.count
-            out.write(encoder.encode(text))
-        out.write(encoder.flush())
-        train_tokens = out.count if train_tokens is None else train_tokens
-        if _sources(files) != before:
-            raise UserError(f"data {what} {data} changed while it was being encoded; run the command again")
-        header.update(sha256=digest.hexdigest(), train_tokens=train_tokens, val_tokens=out.count - train_tokens)
+    chars, docs = [0, 0], [0, 0]
+    with TokenWriter(dest, header_room=len(json.dumps(header)) + 256) as out, \
+            tempfile.TemporaryFile(dir=out.dest.parent) as val_file:
+        outs = [out.write, lambda ids: val_file.write(ids.tobytes())]
+        for part, text in split_stream(pieces(source, digest), split_at, val_docs):
+            if text is END:
+                docs[part] += 1
+                if eot is not None:  # a document ends: its held-back text, then the token
+                    outs[part](encoders[part].flush())
+                    outs[part](eot_ids)
+                continue
+            chars[part] += len(text)
+            outs[part](encoders[part].encode(text))
+        for part in (0, 1):
+            outs[part](encoders[part].flush())
+        train_tokens = out.count
+        val_file.seek(0)
+        while block := val_file.read(COPY_BYTES):
+            out.write(np.frombuffer(block, dtype=encoders[0].dtype))
+        if _sources(source) != before:
+            raise UserError(f"{source.what} changed while it was being encoded; run the command again")
+        header.update(sha256=digest.hexdigest(), train_tokens=train_tokens, val_tokens=out.count - train_tokens,
+                      train_chars=chars[0], val_chars=chars[1], val_documents=docs[1] if split == "documents" else None)
         out.commit(header)
     log(f"encoded {found.chars:,} characters into {out.count:,} tokens ({tokenizer.kind} tokenizer) "
         f"in {time.perf_counter() - t0:.1f} s")
+
+
+def describe(header: dict) -> str:
+    """One line on a token file's documents and split, for a corpus of more than one document."""
+    n, empty = header["documents"], header["empty_documents"]
+    if header["val_split"] == "documents":
+        split = f"val: {header['val_documents']:,} whole documents (--val-split documents)"
+    else:
+        split = f"val: the last {header['layout']['val_fraction']:.0%} of the text (--val-split tail)"
+    eot = "joined by an end-of-document token" if header["eot"] is not None else \
+        "joined with nothing between them (the run's tokenizer has no end-of-document token)"
+    return f"{header['data']}: {n:,} documents{_skipped(empty)}, {eot}; {split}"
+
+
+def _skipped(empty: int) -> str:
+    return f" ({empty:,} empty, skipped)" if empty else ""
+
+
+COPY_BYTES = 1 << 24  # the val split's ids are copied 16 MB at a time (a multiple of every id's size)
 
 
 def load_corpus(path: Path, block_size: int):
@@ -452,8 +518,8 @@ def load_corpus(path: Path, block_size: int):
     from tinygpt.data import Corpus  # here, not at the top: `tinygpt prepare` needs no torch
 
     header, ids = open_tokens(path)
-    data, n_chars, split_at = header["data"], header["chars"], header["split_char"]
-    what = "directory" if Path(data).is_dir() else "file"
+    data, n_chars = header["data"], header["chars"]
+    what = "dataset" if is_hf(data) else "directory" if Path(data).is_dir() else "file"
     min_chars = 2 * (block_size + 1)
     if n_chars < min_chars:
         raise UserError(
@@ -467,4 +533,5 @@ def load_corpus(path: Path, block_size: int):
             f"data {what} {data} is too short: its smaller split has {shortest} tokens, fewer than "
             f"block_size + 1 = {block_size + 1}; use a longer text or a smaller --block-size"
         )
-    return Corpus(Path(data), train, val, n_chars - split_at - 1, split_at - 1, tokens=Path(path))
+    return Corpus(Path(data), train, val, header["val_chars"] - 1, header["train_chars"] - 1, tokens=Path(path),
+                  eot=header["eot"])

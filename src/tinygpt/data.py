@@ -171,9 +171,19 @@ def random_batches(data: torch.Tensor, block_size: int, batch_size: int, n: int,
         yield sampler.next_step()[0]
 
 
-def windows(data: torch.Tensor, block_size: int, batch_size: int):
+IGNORE = -100  # a target that is not scored (cross_entropy's ignore_index)
+
+
+def windows(data: torch.Tensor, block_size: int, batch_size: int, eot: int | None = None):
     """Consecutive non-overlapping windows covering `data`: every token but the first is predicted
-    exactly once. Yields (x, y) batches; the last window may be shorter and comes alone."""
+    exactly once. Yields (x, y) batches; the last window may be shorter and comes alone.
+
+    With `eot` (a corpus of documents), windows never cross a document boundary: each document's
+    windows start at the end-of-document token before it (its first token is predicted from that
+    alone) and end with its own, and rows shorter than the block are padded with IGNORE targets."""
+    if eot is not None:
+        yield from _document_windows(data, block_size, batch_size, eot)
+        return
     n_full = (len(data) - 1) // block_size
     offsets = torch.arange(block_size + 1)
     for i in range(0, n_full, batch_size):
@@ -197,6 +207,7 @@ class Corpus:
     val_chars: int
     train_chars: int
     tokens: Path | None = None  # the encoded corpus file the ids are mapped from
+    eot: int | None = None  # the end-of-document token between documents, if the corpus has several
 
     def chars_per_token(self) -> dict:
         return {"train": self.train_chars / max(1, len(self.train) - 1),
@@ -219,8 +230,41 @@ def encode_corpus(path: Path, text: str, tokenizer, block_size: int) -> Corpus:
     return Corpus(Path(path), train_ids, val_ids, len(val_text) - 1, len(train_text) - 1)
 
 
-def count_windows(n_tokens: int, block_size: int, batch_size: int) -> int:
-    """How many batches `windows` yields for a split of `n_tokens`."""
+def document_window_starts(data, block_size: int, eot: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each window of `_document_windows` starts and how many tokens it predicts: a
+    document's windows (with the end-of-document token before it, if any) are its tokens cut
+    every block_size, so no window holds two documents."""
+    ends = []  # positions of the end-of-document tokens, found a chunk at a time (memory stays flat)
+    for i in range(0, len(data), 1 << 22):
+        ends.append(np.flatnonzero(np.asarray(data[i : i + (1 << 22)]) == eot) + i)
+    ends = np.concatenate(ends + [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+    starts = np.concatenate([[0], ends])  # a segment runs from one token to the next end, inclusive
+    stops = np.concatenate([ends, [len(data) - 1]])
+    keep = stops > starts  # segments that predict something
+    starts, predicted = starts[keep], (stops - starts)[keep]
+    per_segment = -(-predicted // block_size)
+    first = np.repeat(starts, per_segment)
+    k = np.arange(per_segment.sum()) - np.repeat(np.cumsum(per_segment) - per_segment, per_segment)
+    lengths = np.minimum(block_size, np.repeat(predicted, per_segment) - k * block_size)
+    return first + k * block_size, lengths
+
+
+def _document_windows(data, block_size: int, batch_size: int, eot: int):
+    starts, lengths = document_window_starts(data, block_size, eot)
+    offsets = torch.arange(block_size + 1)
+    for i in range(0, len(starts), batch_size):
+        s, n = torch.from_numpy(starts[i : i + batch_size]), torch.from_numpy(lengths[i : i + batch_size])
+        index = s[:, None] + offsets
+        chunk = take(data, index.clamp(max=len(data) - 1))
+        x, y = chunk[:, :-1], chunk[:, 1:].clone()
+        y[offsets[None, :-1] >= n[:, None]] = IGNORE
+        yield x, y
+
+
+def count_windows(n_tokens: int, block_size: int, batch_size: int, data=None, eot: int | None = None) -> int:
+    """How many batches `windows` yields for a split of `n_tokens` (`data` itself with `eot`)."""
+    if eot is not None:
+        return -(-len(document_window_starts(data, block_size, eot)[0]) // batch_size)
     n_full = (n_tokens - 1) // block_size
     tail = n_tokens - n_full * block_size
     return -(-n_full // batch_size) + (1 if tail > 1 else 0)

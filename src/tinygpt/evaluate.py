@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from tinygpt.data import count_windows, random_batches, windows
+from tinygpt.data import IGNORE, count_windows, random_batches, windows
 from tinygpt.runtime import autocast
 
 
@@ -34,9 +34,10 @@ def estimate_loss(model, splits: dict, block_size: int, batch_size: int, eval_it
 
 @torch.no_grad()
 def evaluate_split(model, data: torch.Tensor, block_size: int, device, dtype,
-                   n_chars: int | None = None, batch_size: int = 32, tick=None) -> dict:
+                   n_chars: int | None = None, batch_size: int = 32, tick=None, eot: int | None = None) -> dict:
     """Loss over the whole of `data`: consecutive non-overlapping windows of `block_size`, each
-    token predicted exactly once from the tokens before it in its window.
+    token predicted exactly once from the tokens before it in its window (and, with `eot`, in its
+    document: no window crosses a document boundary).
 
     Returns nats per token and bits per character (`n_chars` is the number of characters the
     predicted tokens spell; for a character tokenizer, the number of tokens). `tick` is called
@@ -45,14 +46,14 @@ def evaluate_split(model, data: torch.Tensor, block_size: int, device, dtype,
     was_training = model.training
     model.eval()
     total_nats, count = 0.0, 0
-    for x, y in windows(data, block_size, batch_size):
+    for x, y in windows(data, block_size, batch_size, eot):
         with autocast(device, dtype):
             logits, _ = model(x.to(device))
         nll = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"
+            logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum", ignore_index=IGNORE
         )
         total_nats += nll.item()
-        count += y.numel()
+        count += int((y != IGNORE).sum()) if eot is not None else y.numel()
         if tick:
             tick()
     model.train(was_training)
@@ -78,12 +79,12 @@ def final_eval(model, corpus, block_size: int, device, dtype, run_dir, best_step
     from tinygpt.checkpoint import checkpoint_dir, load_weights
 
     batch = final_eval_batch(block_size)
-    n_batches = count_windows(len(corpus.val), block_size, batch)
+    n_batches = count_windows(len(corpus.val), block_size, batch, corpus.val, corpus.eot)
 
     def score(which: str) -> dict:
         with progress.phase(f"whole-val-split loss ({which})", n_batches, seconds_hint) as ph:
             return evaluate_split(model, corpus.val, block_size, device, dtype, corpus.val_chars,
-                                  batch_size=batch, tick=ph.tick)
+                                  batch_size=batch, tick=ph.tick, eot=corpus.eot)
 
     last = score("last model")
     if best_step is None or best_step == step:

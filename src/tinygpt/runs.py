@@ -176,16 +176,18 @@ def tokenizer_and_tokens(cfg: C.TrainConfig, dist, note) -> tuple:
     run's own tokenizer on a resume, the base run's on a fine-tune, else a new one trained on
     the data. Rank 0 encodes the text if it has to (see `tinygpt.corpus`); every process then
     maps the same file."""
-    from tinygpt.corpus import prepare, read_tokenizer, text_alphabet
+    from tinygpt.corpus import Layout, prepare, read_tokenizer, scan
     from tinygpt.data import find_corpus
+    from tinygpt.documents import open_source
     from tinygpt.tokenizer import CharTokenizer, load_tokenizer, tokenizer_from_json
 
+    layout = Layout.of(cfg)
     if cfg.resume:
         meta = ckpt.read_run_meta(Path(cfg.resume))
         saved_model, _ = ckpt.configs_from_meta(meta)
         tokenizer = ckpt.load_run_tokenizer(cfg.resume, saved_model)
-        data_path = Path(cfg.data) if cfg.data else Path(meta["data_path"])
-        return tokenizer, data_path, _token_file(dist, data_path, tokenizer, note), meta
+        data_path = cfg.data or meta["data_path"]
+        return tokenizer, data_path, _token_file(dist, data_path, tokenizer, note, layout), meta
     data_path = find_corpus(cfg.data)
     if cfg.init_from:
         if hf_source(cfg.init_from):
@@ -195,8 +197,11 @@ def tokenizer_and_tokens(cfg: C.TrainConfig, dist, note) -> tuple:
         else:
             ckpt.read_run_meta(Path(cfg.init_from))
             tokenizer = load_tokenizer(Path(cfg.init_from) / "tokenizer.json")
-        alphabet = dist.on_main(text_alphabet, data_path)  # in order of first appearance
+        found = dist.on_main(scan, open_source(data_path, cfg.text_field))
+        alphabet = found.alphabet  # in order of first appearance
         unknown = tokenizer.unknown(alphabet)
+        if cfg.grow_vocab and isinstance(tokenizer, CharTokenizer) and found.documents > 1:
+            tokenizer = tokenizer.with_eot()  # documents get their end-of-document token (a new last id)
         if unknown and cfg.grow_vocab and isinstance(tokenizer, CharTokenizer):
             tokenizer = tokenizer.extend(alphabet)
         elif unknown:
@@ -204,21 +209,21 @@ def tokenizer_and_tokens(cfg: C.TrainConfig, dist, note) -> tuple:
                 f"{data_path} has {len(unknown)} character(s) the run {cfg.init_from} never saw "
                 f"({', '.join(map(repr, unknown[:10]))}); pass --grow-vocab to add them"
             )
-        return tokenizer, data_path, _token_file(dist, data_path, tokenizer, note), None
-    tokens = dist.on_main(prepare, data_path, kind=cfg.tokenizer, vocab_size=cfg.vocab_size, log=note)
+        return tokenizer, data_path, _token_file(dist, data_path, tokenizer, note, layout), None
+    tokens = dist.on_main(prepare, data_path, kind=cfg.tokenizer, vocab_size=cfg.vocab_size, log=note, layout=layout)
     # Rank 0's tokenizer, sent to all: on another machine its token file may not exist.
     tokenizer = tokenizer_from_json(dist.on_main(lambda: read_tokenizer(tokens).to_json()))
-    return tokenizer, data_path, tokens if dist.is_main else prepare(data_path, tokenizer), None
+    return tokenizer, data_path, tokens if dist.is_main else prepare(data_path, tokenizer, layout=layout), None
 
 
-def _token_file(dist, data_path: Path, tokenizer, note) -> Path:
+def _token_file(dist, data_path, tokenizer, note, layout) -> Path:
     """The token file of `data_path` with `tokenizer`: rank 0 encodes it if it must, then every
     other process finds it (a quick check) or, on a machine that does not share the disk,
     encodes its own copy."""
     from tinygpt.corpus import prepare
 
-    tokens = dist.on_main(prepare, data_path, tokenizer, log=note)
-    return tokens if dist.is_main else prepare(data_path, tokenizer)
+    tokens = dist.on_main(prepare, data_path, tokenizer, log=note, layout=layout)
+    return tokens if dist.is_main else prepare(data_path, tokenizer, layout=layout)
 
 
 def load_init_weights(model, cfg: C.TrainConfig) -> None:
@@ -232,10 +237,12 @@ def load_init_weights(model, cfg: C.TrainConfig) -> None:
                           grown=cfg.grow_vocab)
 
 
-def run_record(cfg: C.TrainConfig, data_path: Path, dtype, kernel: str, device, world: int,
+def run_record(cfg: C.TrainConfig, data_path, dtype, kernel: str, device, world: int,
                ns_dtype=None) -> dict:
     """What run.json records beyond the settings: what `auto` resolved to, and the sources."""
-    extra = {"data_path": str(data_path.resolve()), "dtype": str(dtype).removeprefix("torch."),
+    from tinygpt.documents import open_source
+
+    extra = {"data_path": open_source(data_path).key(), "dtype": str(dtype).removeprefix("torch."),
              "attention_kernel": kernel, "device": str(device), "world_size": world}
     if cfg.optimizer == "muon":
         extra["muon_ns_dtype"] = str(ns_dtype).removeprefix("torch.")

@@ -3,6 +3,11 @@
 `CharTokenizer` is the lecture's: the vocabulary is the sorted set of characters of the
 training text. `BPETokenizer` wraps a byte-level BPE from Hugging Face `tokenizers`, trained on
 the training split. Both save to, and load from, one JSON file in the run directory.
+
+A corpus of many documents adds one reserved token, END_OF_DOCUMENT ("<|endoftext|>", GPT-2's
+name for it), put between documents by `tinygpt.corpus`. No text encodes to it: a char
+tokenizer encodes one character at a time and the token is no single character; tinygpt's BPE
+encodes the string "<|endoftext|>" in a text as ordinary bytes. It decodes to its name.
 """
 
 import json
@@ -11,17 +16,30 @@ from pathlib import Path
 
 from tinygpt.errors import UserError
 
+END_OF_DOCUMENT = "<|endoftext|>"
+
 
 class CharTokenizer:
     kind = "char"
 
     def __init__(self, chars: list[str]):
-        self.chars = list(chars)
+        self.chars = list(chars)  # id -> its text: one character, or END_OF_DOCUMENT
         self.stoi = {ch: i for i, ch in enumerate(self.chars)}
 
     @classmethod
-    def train(cls, text: str) -> "CharTokenizer":
-        return cls(sorted(set(text)))
+    def train(cls, text: str, documents: bool = False) -> "CharTokenizer":
+        """The sorted characters of `text`; with `documents`, END_OF_DOCUMENT first (id 0, so that
+        sampling from token 0, as the lecture does, starts a new document)."""
+        return cls([END_OF_DOCUMENT] * documents + sorted(set(text)))
+
+    @property
+    def eot_id(self) -> int | None:
+        """The end-of-document token's id, or None for a vocabulary without one."""
+        return self.stoi.get(END_OF_DOCUMENT)
+
+    def with_eot(self) -> "CharTokenizer":
+        """This tokenizer with an end-of-document token (a new last id) if it has none."""
+        return self if self.eot_id is not None else CharTokenizer(self.chars + [END_OF_DOCUMENT])
 
     @property
     def vocab_size(self) -> int:
@@ -54,12 +72,21 @@ class CharTokenizer:
 class BPETokenizer:
     kind = "bpe"
 
-    def __init__(self, hf_tokenizer):
+    def __init__(self, hf_tokenizer, literal_specials: bool = False):
         self.hf = hf_tokenizer
+        # tinygpt's own BPE reads "<|endoftext|>" in a text as text (not the reserved id); a GPT-2
+        # tokenizer brought from Hugging Face keeps its own rule (the special id), as transformers.
+        self.literal_specials = literal_specials
+        self.hf.encode_special_tokens = literal_specials
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.hf.token_to_id(END_OF_DOCUMENT)
 
     @classmethod
-    def train(cls, text: str | Iterable[str], vocab_size: int) -> "BPETokenizer":
-        """Train on `text`: a string, or its pieces in order (a corpus streamed from disk)."""
+    def train(cls, text: str | Iterable[str], vocab_size: int, documents: bool = False) -> "BPETokenizer":
+        """Train on `text`: a string, or its pieces in order (a corpus streamed from disk); with
+        `documents`, END_OF_DOCUMENT is id 0 (and counts in `vocab_size`)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -69,10 +96,11 @@ class BPETokenizer:
             vocab_size=vocab_size,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
+            special_tokens=[END_OF_DOCUMENT] if documents else [],
         )
         # Feed the text in groups of lines so the trainer does not hold one giant string.
         tok.train_from_iterator(line_groups([text] if isinstance(text, str) else text), trainer=trainer)
-        return cls(tok)
+        return cls(tok, literal_specials=True)
 
     @property
     def vocab_size(self) -> int:
@@ -89,7 +117,8 @@ class BPETokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def to_json(self) -> dict:
-        return {"type": "bpe", "hf": json.loads(self.hf.to_str())}
+        return {"type": "bpe", "hf": json.loads(self.hf.to_str()), **({"literal_specials": True}
+                                                                       if self.literal_specials else {})}
 
 
 Tokenizer = CharTokenizer | BPETokenizer
@@ -127,7 +156,7 @@ def tokenizer_from_json(data: dict) -> Tokenizer:
     if data.get("type") == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
 
-        return BPETokenizer(HFTokenizer.from_str(json.dumps(data["hf"])))
+        return BPETokenizer(HFTokenizer.from_str(json.dumps(data["hf"])), bool(data.get("literal_specials")))
     raise ValueError("not a tinygpt tokenizer")
 
 

@@ -23,7 +23,7 @@ import torch
 from tinygpt import STARTED, resources, runs
 from tinygpt import checkpoint as ckpt
 from tinygpt import config as C
-from tinygpt.corpus import load_corpus
+from tinygpt.corpus import describe, load_corpus, read_header
 from tinygpt.data import BatchSampler
 from tinygpt.distributed import SINGLE, Distributed
 from tinygpt.errors import UserError
@@ -97,6 +97,7 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
     progress = Progress(total=cfg.max_iters, initial=start_step, quiet=cfg.quiet or not dist.is_main, log=log,
                         note=note, max_time=cfg.max_time, started=t_start)
     result = TrainResult(run_dir=run_dir, step=start_step, tokenizer=s.tokenizer, device=device)
+    memorising = Memorising()
     saved_step = start_step if cfg.resume else None
     session_seconds = 0.0  # this command's training clock after its first WARM_UP steps (their one-off costs)
 
@@ -112,6 +113,8 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
             losses = estimate_loss(model, splits, model_cfg.block_size, cfg.batch_size, cfg.eval_iters, device,
                                    dtype, seed=cfg.seed + 1, tick=ph.tick)
         progress.report(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if memorising.seen(losses):
+            note(memorising.message(state.best_val, state.best_step))
         if not all(map(math.isfinite, losses.values())):  # never save weights that broke
             raise _diverged(f"step {step}: train loss {losses['train']:.4g}, val loss {losses['val']:.4g}", cfg,
                             run_dir)
@@ -234,6 +237,9 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
         cfg = C.build(C.TrainConfig, {**C.to_dict(cfg), "tokenizer": tokenizer.kind})
     model_cfg = C.build(C.ModelConfig, {**C.to_dict(model_cfg), "vocab_size": tokenizer.vocab_size})
     corpus = load_corpus(tokens, model_cfg.block_size)  # memory-mapped: memory does not grow with it
+    header = read_header(tokens)[0]
+    if header["documents"] > 1 or header["empty_documents"]:
+        note(describe(header))
     dtype = resolve_dtype(cfg.dtype, device)
     ns_dtype = muon_ns_dtype(dtype)  # --optimizer muon's Newton-Schulz iteration
     kernel = resolve_attention(model_cfg.attention, device)
@@ -279,6 +285,32 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
              "For a result in minutes: --preset cpu-quick (or cpu-10min), or a GPU")
     return _Setup(model_cfg, tokenizer, corpus, device, dtype, model, optimizer, sampler, run_dir, state, timing,
                   scaler)
+
+
+class Memorising:
+    """Tells, once a run, when val loss has risen for REPORTS reports in a row while train loss
+    fell: the model is learning the train text by heart, not the language."""
+
+    REPORTS = 3
+
+    def __init__(self):
+        self.history: list[dict] = []
+        self.said = False
+
+    def seen(self, losses: dict) -> bool:
+        """Record a report; True the first time the pattern shows."""
+        self.history = (self.history + [dict(losses)])[-(self.REPORTS + 1):]
+        pairs = list(zip(self.history, self.history[1:]))
+        if self.said or len(pairs) < self.REPORTS:
+            return False
+        self.said = all(b["val"] > a["val"] and b["train"] < a["train"] for a, b in pairs)
+        return self.said
+
+    def message(self, best_val: float, best_step: int | None) -> str:
+        return (f"val loss has risen for {self.REPORTS} reports while train loss fell: the model is memorising "
+                f"its train text (best val {best_val:.4f} at step {best_step}, kept as the best checkpoint). Next "
+                "time: fewer steps (--max-iters, or --early-stop 2), more --dropout, a smaller model, or more text; "
+                "--preset auto sizes all of these for your text")
 
 
 def muon_ns_dtype(dtype: torch.dtype) -> torch.dtype:

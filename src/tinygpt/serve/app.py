@@ -48,6 +48,7 @@ from tinygpt.serve.api import (
     parse_completion_request,
 )
 from tinygpt.serve.worker import Busy, Event, Sequence, Worker
+from tinygpt.tokenizer import END_OF_DOCUMENT
 
 STATIC = Path(__file__).parent / "static"
 DRAIN_LIMIT = 16 * MAX_BODY_BYTES  # read (and drop) this much of an oversized body so the 413 arrives
@@ -171,7 +172,8 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16, 
                 score_prompt(served.model, served.device, ids, req.logprobs) if text else [] for ids, text in prompts])
             for c in choices:
                 c.prompt_entries = scored[c.index // n]
-        seqs = make_sequences(req, [ids for ids, _ in prompts], max_tokens, loop, window) if max_tokens else []
+        ends = (END_OF_DOCUMENT,) if served.tokenizer.eot_id is not None else ()  # a document's end stops a choice
+        seqs = make_sequences(req, [ids for ids, _ in prompts], max_tokens, loop, window, ends) if max_tokens else []
         try:
             worker.submit(seqs)
         except Busy as e:
@@ -263,7 +265,7 @@ def tokenizer_card(tokenizer, block_size: int) -> dict:
     rolling perplexity's first token on, and adds to a generation's stop sequences."""
     from tinygpt.hf import END_OF_TEXT
 
-    if tokenizer.kind == "bpe" and tokenizer.hf.token_to_id(END_OF_TEXT) is not None:
+    if tokenizer.eot_id is not None:  # a run trained on documents, or a GPT-2 tokenizer
         eos = END_OF_TEXT
     else:
         eos = "\n" if not tokenizer.unknown("\n") else tokenizer.decode([0])
@@ -345,14 +347,15 @@ class Choice:
 
 
 def make_sequences(req: CompletionRequest, ids: list[list[int]], max_tokens: int, loop,
-                   window: str = "full") -> list[Sequence]:
-    """One Sequence per choice, numbered as OpenAI does: prompt i's choice j is index i * n + j."""
+                   window: str = "full", ends: tuple[str, ...] = ()) -> list[Sequence]:
+    """One Sequence per choice, numbered as OpenAI does: prompt i's choice j is index i * n + j.
+    `ends`: stop sequences beyond the request's (the end-of-document token's text)."""
     n = req.n or 1
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     queue: asyncio.Queue = asyncio.Queue()
     temperature = 1.0 if req.temperature is None else req.temperature
     return [Sequence(i * n + j, prompt_ids, max_tokens, temperature, req.top_k, req.top_p, seed + j,
-                     req.stops(), loop, queue, logprobs=req.logprobs, window=req.window or window)
+                     req.stops() + ends, loop, queue, logprobs=req.logprobs, window=req.window or window)
             for i, prompt_ids in enumerate(ids) for j in range(n)]
 
 
