@@ -121,7 +121,8 @@ def test_directory_is_every_text_file_below_it_in_sorted_path_order_a_document_e
     header = K.read_header(token_file)[0]
     assert [Path(s["path"]).relative_to(root.resolve()).as_posix() for s in header["sources"]] == order
     tok = load_tokenizer_json(header["tokenizer"])
-    assert header["documents"] == 5 and tok.eot_id == 0 and tok.chars[1:] == sorted(set("".join(parts[n] for n in order)))
+    alphabet = sorted(set("".join(parts[n] for n in order)))
+    assert header["documents"] == 5 and tok.eot_id == 0 and tok.chars[1:] == alphabet
     _, ids = K.open_tokens(token_file)
     expected = [i for n in order for i in tok.encode(parts[n]) + [tok.eot_id]]  # each file, then the token
     assert ids.tolist() == expected

@@ -85,7 +85,9 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
                        prog=f"python {script}" if script else None,
                        description="Train a Bigram or GPT model. Settings are layered: lecture defaults "
                        "< --preset < --config < flags.")
-    p.add_argument("--preset", help=f"named settings shipped with tinygpt: {', '.join(C.list_presets())}")
+    p.add_argument("--preset", help="named settings shipped with tinygpt: "
+                   f"{', '.join(C.list_presets())}; or auto: a model sized for your text, your --max-time "
+                   "(default 600 s) and this machine (a timed probe), its plan printed before training")
     p.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (keys as the flags, "
                    "with underscores)")
     add_fields(p, C.ModelConfig, C.BIGRAM_DEFAULTS)
@@ -216,10 +218,11 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
 def cmd_train(args) -> int:
     from tinygpt.distributed import process_group
     from tinygpt.runs import settings_from_flags
-    from tinygpt.train import Stopped, train
+    from tinygpt.train import Stopped, note_on_stderr, train
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "version")}
-    model_cfg, train_cfg = settings_from_flags(flags)
+    model_cfg, train_cfg = settings_from_flags(flags, note=note_on_stderr if os.environ.get("RANK", "0") == "0"
+                                               else lambda line: None)
     try:
         with process_group(train_cfg.device) as dist:  # one process unless started by torchrun
             result = train(model_cfg, train_cfg, dist=dist)
@@ -438,6 +441,8 @@ def cmd_export(args) -> int:
 def cmd_presets(args) -> int:
     for name, description in C.list_presets().items():
         print(f"{name:14s} {description}")
+    print(f"{'auto':14s} sized for your text, your --max-time (default 600 s) and this machine by a timed probe; "
+          "its plan is printed before training")
     return 0
 
 

@@ -289,10 +289,11 @@ def _check_keys(data: dict, where: str) -> dict:
     return data
 
 
-def resolve_train_settings(flags: dict) -> tuple[ModelConfig, TrainConfig]:
-    """Merge defaults, preset, config file and flags (later wins) into validated configs."""
-    layers: list[dict] = []
-    if flags.get("preset"):
+def resolve_train_settings(flags: dict, planned: dict | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """Merge defaults, preset (or `planned`: what --preset auto chose), config file and flags
+    (later wins) into validated configs."""
+    layers: list[dict] = [planned] if planned else []
+    if flags.get("preset") and not planned:
         layers.append(load_preset(flags["preset"]))
     if flags.get("config"):
         layers.append(load_config_file(flags["config"]))

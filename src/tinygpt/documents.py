@@ -184,7 +184,7 @@ def _jsonl_records(path: Path, field: str, digest) -> Iterator[Iterator[str]]:
 
 
 def _csv_records(path: Path, field: str, delimiter: str, digest) -> Iterator[Iterator[str]]:
-    rows = csv.reader(_lines(path, digest), delimiter=delimiter)
+    rows = csv.reader(_lines(path, digest), delimiter=delimiter, strict=True)
     try:
         header = next(rows, None)
         if header is None:

@@ -36,15 +36,27 @@ FINETUNE_OVERRIDES = {"dropout", "attn_dropout", "attention"}
 # --- resolving settings: once, from the flags the user gave -------------------------------------
 
 
-def settings_from_flags(flags: dict) -> tuple[C.ModelConfig, C.TrainConfig]:
+def settings_from_flags(flags: dict, note=lambda line: None) -> tuple[C.ModelConfig, C.TrainConfig]:
     """The configs a `train` command asked for. With --resume the saved run's settings fill in
     what the flags do not say (and a flag that contradicts it is refused); with --init-from the
     base run's model settings do, and a flag that would change its architecture is refused."""
     if flags.get("resume"):
-        flags = resume_flags(flags)
+        flags = {k: v for k, v in resume_flags(flags).items() if k != "preset"}  # the run's settings are whole
     elif flags.get("init_from"):
         flags = finetune_flags(flags)
+    elif flags.get("preset") == "auto":
+        from tinygpt.sizing import auto_settings
+
+        planned = auto_settings(_given(flags), note)
+        # The plan's --max-time is what is left of the budget once planned: the command keeps to it.
+        return C.resolve_train_settings({**flags, "max_time": planned["max_time"]}, planned=planned)
     return C.resolve_train_settings(flags)
+
+
+def _given(flags: dict) -> dict:
+    """The train settings flags and --config say, for --preset auto to plan with."""
+    config = C.load_config_file(flags["config"]) if flags.get("config") else {}
+    return {**config, **{k: v for k, v in flags.items() if k in C.TRAIN_KEYS}}
 
 
 def resume_flags(flags: dict) -> dict:
