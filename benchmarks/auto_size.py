@@ -68,7 +68,7 @@ def grid_config(data: str, budget: float, shape_name: str, workdir: Path) -> Pat
     shape = next(s for s in S.LADDER if s.name == shape_name)
     tps = {s.name: S.probe(s, text.vocab_size, flags) for s in S.LADDER if s.name == shape_name}
     plan = S.plan(text, tps, budget, force=shape_name)
-    settings = {**plan.settings, "max_iters": int(plan.settings["max_iters"] * S.STEPS_HEADROOM)}
+    settings = {**plan.settings, "max_iters": S.max_iters(plan, text)}
     path = workdir / f"grid-{shape.name}.toml"
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()), encoding="utf-8")
     return path

@@ -27,6 +27,7 @@ Python blocks run with `exec` in the same directory, after the blocks before the
 """
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -205,6 +206,8 @@ def test_every_documented_command_runs(tmp_path):
                  "books/one.txt"):
         (work / name).parent.mkdir(exist_ok=True)
         (work / name).write_text(TEXT, encoding="utf-8")
+    (work / "letters.jsonl").write_text("".join(json.dumps({"text": p + "\n"}) + "\n" for p in TEXT.split("\n\n") if p),
+                                        encoding="utf-8")
     make_gpt2 = tmp_path / "make_gpt2.py"
     make_gpt2.write_text(MAKE_GPT2)
     shim = SHIM.format(python=sys.executable, src=str(REPO / "src"), fast=FAST, fresh=FRESH,
