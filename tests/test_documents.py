@@ -283,3 +283,21 @@ def test_another_extension_is_read_as_text(tmp_path):
     path.write_text("def f(x):\n    return x + 1\n" * 40)
     header, ids = ids_of(K.prepare(path))
     assert header["documents"] == 1 and len(ids) == len(path.read_text())
+
+
+def test_a_documents_run_exports_its_token_as_eos_and_imports_back(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tinygpt.hf import load_gpt2
+
+    docs = [d for d in DOCS if d.isascii() and END_OF_DOCUMENT not in d]
+    m, t = tiny_configs(write_jsonl(tmp_path / "d.jsonl", docs), tmp_path / "run", n_embd=64, max_iters=4)
+    train(m, t, log=lambda *a: None)
+    assert cli("export", tmp_path / "run", "--out", tmp_path / "hf").code == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_tok.eos_token == END_OF_DOCUMENT and hf_tok.eos_token_id == 0 == config["eos_token_id"]
+    assert hf_tok.encode(docs[0]) == CharTokenizer.train("".join(docs), True).encode(docs[0])
+    assert hf_tok.decode([5, 0, 6], skip_special_tokens=True) == hf_tok.decode([5, 6])
+    _, back = load_gpt2(tmp_path / "hf")
+    assert back.eot_id == 0 and back.chars == tokenizer_from_json(
+        json.loads((tmp_path / "run" / "tokenizer.json").read_text())).chars

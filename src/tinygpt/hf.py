@@ -166,9 +166,8 @@ def gpt2_config(cfg: ModelConfig, tokenizer) -> dict:
 
 
 def _end_of_text_id(tokenizer) -> int | None:
-    if isinstance(tokenizer, BPETokenizer):
-        return tokenizer.hf.token_to_id(END_OF_TEXT)
-    return None
+    """GPT-2's <|endoftext|>, or a run's end-of-document token (the same name): bos and eos."""
+    return tokenizer.eot_id
 
 
 def char_tokenizer_as_hf(tokenizer: CharTokenizer):
@@ -180,6 +179,8 @@ def char_tokenizer_as_hf(tokenizer: CharTokenizer):
     tok = Tokenizer(models.WordLevel(dict(tokenizer.stoi), unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    if tokenizer.eot_id is not None:  # a run trained on documents: its end-of-document token, as eos
+        tok.add_special_tokens([END_OF_TEXT])
     return tok
 
 
@@ -320,8 +321,8 @@ def read_gpt2_tokenizer(directory: Path):
         if kind == "BPE":
             return BPETokenizer(tok)
         vocab = data["model"].get("vocab", {})
-        if kind == "WordLevel" and all(len(ch) == 1 for ch in vocab) and sorted(vocab.values()) == list(
-                range(len(vocab))):
+        chars = all(len(ch) == 1 or ch == END_OF_TEXT for ch in vocab)  # and a run's end-of-document token
+        if kind == "WordLevel" and chars and sorted(vocab.values()) == list(range(len(vocab))):
             return CharTokenizer(sorted(vocab, key=vocab.get))  # a char run exported by tinygpt
         raise UserError(f"{path} is a {kind} tokenizer; tinygpt reads byte-level BPE (GPT-2's) or its own char one")
     vocab, merges = directory / "vocab.json", directory / "merges.txt"

@@ -9,12 +9,14 @@ The rule, in the order it is applied (docs/guides/own-text.md shows the sweeps b
 3. The machine: a timed probe of a few real training steps (forward, backward, optimizer) of each
    shape on the LADDER, smallest first, gives its tokens per second here; it stops at the first
    shape that cannot be trained well in the time (the larger ones could not either).
-4. The shape: the largest on the ladder that (a) sees at least TOKENS_PER_PARAM tokens per
-   parameter in the time and (b) has at most PARAMS_PER_TOKEN parameters per train token of the
-   text (a larger model only memorises a small text faster); the smallest if none does.
+4. The shape: the largest that sees at least TOKENS_PER_PARAM tokens per parameter in the time
+   (the smallest if none does). If that shape would pass over the text more than MAX_PASSES
+   times, the text is small for this budget: more passes would only memorise it, so the time is
+   spent on size instead, and the shape is the largest that still makes MAX_PASSES passes.
+   Either way at most PARAMS_PER_TOKEN parameters per train token and at least MIN_STEPS steps.
 5. The rest follows from the passes over the text the run will make: steps (the time's tokens
-   over the batch's, but at most MAX_PASSES passes: a small text ends its run early rather than
-   be memorised), dropout (none under one pass, DROPOUT_AT more above), and the learning
+   over the batch's, but at most MAX_PASSES passes: a small text may end its run early),
+   dropout (none under one pass, DROPOUT_AT more above), and the learning
    rates, schedule and optimizer of the presets the ladder's shapes come from (Muon, cosine
    fitted to --max-time).
 
@@ -30,13 +32,15 @@ from tinygpt.errors import UserError
 
 DEFAULT_MAX_TIME = 600.0
 TOKENS_PER_PARAM = 1.0  # cpu-quick sees ~1 token a parameter, cpu-10min ~1.5: both tuned by sweeps
-PARAMS_PER_TOKEN = 10.0  # nanoGPT's Shakespeare model: 10.7M parameters on 1.0M train tokens, its best
+# The licenses corpus (97k train tokens) was best learned by cpu-10min's 3.2M-parameter 4x4x256
+# (33 a token); nanoGPT's Shakespeare model has 10.7 on 1.0M tokens. Far beyond, a model is all memory.
+PARAMS_PER_TOKEN = 40.0
 DROPOUT_AT = ((1.0, 0.0), (8.0, 0.1), (math.inf, 0.2))  # (passes over the text below, dropout)
 MIN_STEPS = 50  # fewer steps than this do not train any shape: the budget is too short
 # At most this many passes over the train split: past it a small text is memorised (the licenses
-# corpus, 2x4x128 with dropout 0.2: whole-val 1.654 after 7 passes, 1.678 at best after 12 and
-# more, val rising from then on); the run then ends before its --max-time.
-MAX_PASSES = 8.0
+# corpus: 4x4x256's val estimate was lowest after 10 passes and rising by 19; 2x4x128's after 12,
+# then rising for 3,000 steps); the run then ends before its --max-time.
+MAX_PASSES = 12.0
 MIN_TRAIN_TOKENS = 1000
 START_SECONDS = 2.0  # a run's own start after the plan: building the model, its timed probe
 REPORTS = 6  # loss reports a planned run makes (at step 0 and every fifth of the steps)
@@ -70,6 +74,10 @@ class Shape:
 
     def tokens_per_step(self) -> int:
         return self.batch_size * self.block_size
+
+    def flops_per_token(self, vocab_size: int) -> float:
+        """Training work a token: 6 a parameter, and attention over the block (forward and backward)."""
+        return 6 * self.params(vocab_size) + 6 * self.n_layer * self.block_size * self.n_embd
 
 
 # cpu-quick's and cpu-10min's shapes, the lecture's, and one below and between them.
@@ -149,19 +157,25 @@ def plan(text: TextFigures, tokens_per_sec: dict[str, float], seconds: float, fo
     left of the budget. Shapes missing from `tokens_per_sec` were not probed: not chosen.
     `force` names the shape to plan for instead of choosing one (benchmarks/auto_size.py's grid)."""
     check_text(text)
-    chosen = next(s for s in LADDER if s.name == force) if force else None
-    for shape in () if force else LADDER:
-        if shape.name not in tokens_per_sec:
-            break
-        tokens = min(tokens_per_sec[shape.name] * train_seconds(text, shape, tokens_per_sec[shape.name], seconds),
-                     MAX_PASSES * text.train_tokens)
-        params = shape.params(text.vocab_size)
-        fits_val = text.val_tokens > shape.block_size and text.train_tokens > shape.block_size
-        if chosen is None or (tokens >= TOKENS_PER_PARAM * params and params <= PARAMS_PER_TOKEN * text.train_tokens
-                              and tokens / shape.tokens_per_step() >= MIN_STEPS and fits_val):
-            chosen = shape
-    if chosen is None:
+    probed = [s for s in LADDER if s.name in tokens_per_sec]
+    if not probed:
         raise ValueError("no shape was probed")
+    full = MAX_PASSES * text.train_tokens  # the tokens of MAX_PASSES passes
+
+    def time_tokens(shape: Shape) -> float:
+        return tokens_per_sec[shape.name] * train_seconds(text, shape, tokens_per_sec[shape.name], seconds)
+
+    def possible(shape: Shape) -> bool:
+        return (shape.params(text.vocab_size) <= PARAMS_PER_TOKEN * text.train_tokens
+                and min(time_tokens(shape), full) / shape.tokens_per_step() >= MIN_STEPS
+                and text.val_tokens > shape.block_size and text.train_tokens > shape.block_size)
+
+    sized = [s for s in probed if possible(s) and time_tokens(s) >= TOKENS_PER_PARAM * s.params(text.vocab_size)]
+    chosen = sized[-1] if sized else probed[0]
+    if time_tokens(chosen) >= full:  # the text is small for this budget: spend the time left on size
+        chosen = [s for s in probed if possible(s) and time_tokens(s) >= full][-1]
+    if force:
+        chosen = next(s for s in LADDER if s.name == force)
     tps = tokens_per_sec[chosen.name]
     train_s = train_seconds(text, chosen, tps, seconds)
     steps = max(MIN_STEPS, int(min(tps * train_s, MAX_PASSES * text.train_tokens) / chosen.tokens_per_step()))
@@ -234,16 +248,24 @@ def probe(shape: Shape, vocab_size: int, base: dict, steps: int = 2) -> float:
 
 
 def probe_ladder(text: TextFigures, base: dict, seconds: float, measure=probe) -> dict[str, float]:
-    """Tokens per second of the ladder's shapes, smallest first, up to the first that fails the
-    rule (a larger one is slower and has more parameters: it would fail too)."""
+    """Tokens per second of the ladder's shapes, smallest first, up to the first that neither
+    makes MAX_PASSES passes nor sees a token per parameter in the time (a larger one is slower
+    and has more parameters: it would fail too)."""
     out: dict[str, float] = {}
+    last = None
     for shape in LADDER:
         params = shape.params(text.vocab_size)
         if out and params > PARAMS_PER_TOKEN * text.train_tokens:
             break
-        out[shape.name] = measure(shape, text.vocab_size, base)
-        if out[shape.name] * train_seconds(text, shape, out[shape.name], seconds) < TOKENS_PER_PARAM * params:
-            break
+        if last is not None:  # predicted from the last one's pace by work per token: far short, not probed
+            guess = out[last.name] * last.flops_per_token(text.vocab_size) / shape.flops_per_token(text.vocab_size)
+            if guess * train_seconds(text, shape, guess, seconds) < 0.7 * min(TOKENS_PER_PARAM * params,
+                                                                              MAX_PASSES * text.train_tokens):
+                break
+        out[shape.name], last = measure(shape, text.vocab_size, base), shape
+        tokens = out[shape.name] * train_seconds(text, shape, out[shape.name], seconds)
+        if tokens < min(TOKENS_PER_PARAM * params, MAX_PASSES * text.train_tokens):
+            break  # neither rule can take it: a larger shape is slower and bigger
     return out
 
 
