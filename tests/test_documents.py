@@ -6,10 +6,11 @@ import csv
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, assert_same_weights, cli, losses_by_step, tiny_args, tiny_configs
+from conftest import assert_one_line_error, assert_same_weights, cli, losses_by_step, serving, tiny_args, tiny_configs
 
 from tinygpt import corpus as K
 from tinygpt import data
@@ -163,6 +164,11 @@ def test_a_model_trained_on_documents_learns_where_they_end_and_sample_stops_the
     r = cli("sample", "--ckpt", tmp_path / "run", "--prompt", "abcabc", "--max-new-tokens", 50, "--temperature", 0,
             "--no-stop-at-end")
     assert END_OF_DOCUMENT in r.out
+    with serving(tmp_path / "run", "--dtype", "float32") as server:  # a completion ends where its document does
+        answer = httpx.post(server.url + "/v1/completions", json={"prompt": "abcabc", "max_tokens": 50,
+                                                                   "temperature": 0}, timeout=30).json()
+        assert answer["choices"][0]["finish_reason"] == "stop" and answer["choices"][0]["text"].endswith("\n")
+        assert httpx.get(server.url + "/tokenizer_info", timeout=10).json()["eos_token"] == END_OF_DOCUMENT
     r = cli("eval", "--ckpt", tmp_path / "run", "--json", "--dtype", "float32")
     figures = json.loads(r.out)
     assert figures["val"]["loss"] == pytest.approx(result.final["loss"], abs=1e-6)

@@ -7,19 +7,24 @@ stays flat whatever its size. `tinygpt prepare` does it explicitly; `train` and 
 first use and reuse the file while the text is unchanged.
 
 Where: `$TINYGPT_CACHE_DIR`, else `encoded/` under the data directory (`$TINYGPT_DATA_DIR`,
-default ~/.cache/tinygpt): one file per data path and tokenizer, `NAME-KEY-RECIPE.tokens`, KEY a
-hash of the data's absolute path. RECIPE is `char` or `bpe512` (a tokenizer trained on the data
-itself) or `tok` + a hash of a given tokenizer (a resumed, evaluated or fine-tuned run's, where no
-file of the data was encoded with it already).
+default ~/.cache/tinygpt): one file per data path and tokenizer, `NAME-KEY-RECIPE[-LAYOUT].tokens`,
+KEY a hash of the data's absolute path (or hf:NAME). RECIPE is `char` or `bpe512` (a tokenizer
+trained on the data itself) or `tok` + a hash of a given tokenizer (a resumed, evaluated or
+fine-tuned run's, where no file of the data was encoded with it already); LAYOUT a hash of the
+split's settings (`Layout`) when they are not the defaults.
 
 Layout: MAGIC, the header's length (4 bytes, little-endian), the header (JSON), zeros up to a
 multiple of 4096 bytes, then the ids as uint8 / uint16 / uint32 (the smallest that holds the
 vocabulary): the train split's, then the val split's. The header holds the whole tokenizer, the
-source files (path, size, mtime), the sha256 of their bytes, the number of characters, the split
-point and the tokens of each split.
+source files (path, size, mtime; or a dataset's fingerprint), the sha256 of their bytes, the
+number of characters and documents, the layout and the split it resolved to, the
+end-of-document token's id (or null) and the tokens and characters of each split.
 
-The split is the lecture's: the first 90% of the *characters* is train, the rest val, and each
-side is encoded on its own, exactly as `data.encode_corpus` does in memory (the ids are equal).
+The documents (see `tinygpt.documents`) are encoded one by one, each followed by the
+end-of-document token when there are several. The split is `Layout.val_split`'s: `tail` is the
+lecture's, the first 90% of the *characters* train and the rest val, each side encoded on its
+own exactly as `data.encode_corpus` does in memory for one text (the ids are equal); `documents`
+holds out a fixed, seeded share of whole documents.
 
 A file is reused while every source file keeps the size and mtime it had when encoded (and, for
 corpora under 64 MB, cheap to hash, the same sha256); otherwise it is encoded again. A file that
@@ -95,11 +100,6 @@ class Layout:
         if self == Layout():
             return ""
         return "-" + hashlib.sha256(json.dumps(dataclasses.astuple(self)).encode()).hexdigest()[:8]
-
-
-def source_files(data) -> list[Path]:
-    """The files of a corpus (see `tinygpt.documents`); none for a Hugging Face dataset."""
-    return list(open_source(data).files)
 
 
 @dataclass

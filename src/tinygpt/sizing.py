@@ -9,11 +9,9 @@ The rule, in the order it is applied (docs/guides/own-text.md shows the sweeps b
 3. The machine: a timed probe of a few real training steps (forward, backward, optimizer) of each
    shape on the LADDER, smallest first, gives its tokens per second here; it stops at the first
    shape that cannot be trained well in the time (the larger ones could not either).
-4. The shape: the largest that sees at least TOKENS_PER_PARAM tokens per parameter in the time
-   (the smallest if none does). If that shape would pass over the text more than MAX_PASSES
-   times, the text is small for this budget: more passes would only memorise it, so the time is
-   spent on size instead, and the shape is the largest that still makes MAX_PASSES passes.
-   Either way at most PARAMS_PER_TOKEN parameters per train token and at least MIN_STEPS steps.
+4. The shape: the largest that sees at least TOKENS_PER_PARAM tokens per parameter in the time,
+   with at most PARAMS_PER_TOKEN parameters per train token and at least MIN_STEPS steps (the
+   smallest if none qualifies).
 5. The rest follows from the passes over the text the run will make: steps (the time's tokens
    over the batch's, but at most MAX_PASSES passes: a small text may end its run early),
    dropout (none under one pass, DROPOUT_AT more above), and the learning
@@ -31,15 +29,18 @@ from dataclasses import dataclass
 from tinygpt.errors import UserError
 
 DEFAULT_MAX_TIME = 600.0
-TOKENS_PER_PARAM = 1.0  # cpu-quick sees ~1 token a parameter, cpu-10min ~1.5: both tuned by sweeps
-# The licenses corpus (97k train tokens) was best learned by cpu-10min's 3.2M-parameter 4x4x256
-# (33 a token); nanoGPT's Shakespeare model has 10.7 on 1.0M tokens. Far beyond, a model is all memory.
+# A shape must see this many tokens a parameter in the time. benchmarks/auto_size.py at 120 s, a
+# 2-core Xeon: on Tiny Shakespeare 2x4x128 (16 a parameter) won and 3x4x192 (2.1) lost by 0.04;
+# on 20 MB of Python 3x4x192 (2.1) won and 2x4x128 (11.7) came within 0.022. Between the two.
+TOKENS_PER_PARAM = 6.0
+# The licenses corpus (97k train tokens) was learned as well by cpu-10min's 3.2M-parameter 4x4x256
+# (33 a token) as by 2x4x128; nanoGPT's Shakespeare model has 10.7 on 1.0M tokens.
 PARAMS_PER_TOKEN = 40.0
 DROPOUT_AT = ((1.0, 0.0), (8.0, 0.1), (math.inf, 0.2))  # (passes over the text below, dropout)
 MIN_STEPS = 50  # fewer steps than this do not train any shape: the budget is too short
 # At most this many passes over the train split: past it a small text is memorised (the licenses
-# corpus: 4x4x256's val estimate was lowest after 10 passes and rising by 19; 2x4x128's after 12,
-# then rising for 3,000 steps); the run then ends before its --max-time.
+# corpus, 2x4x128: whole-val 1.657 after 8 passes, 1.620 after 12, 1.678 at best after 70, its
+# val estimate rising from 12 on); the run then ends before its --max-time.
 MAX_PASSES = 12.0
 MIN_TRAIN_TOKENS = 1000
 START_SECONDS = 2.0  # a run's own start after the plan: building the model, its timed probe
@@ -129,8 +130,8 @@ class Plan:
                 f"{s['max_iters']:,} steps ({self.tokens / 1e6:.1f}M tokens, {self.passes:.1f} passes over the "
                 f"text{'; more would memorise it' if self.passes >= MAX_PASSES - 0.5 else ''}), dropout "
                 f"{s['dropout']:g}, Muon, learning rate {s['learning_rate']:g}; expected val loss "
-                f"about {self.expected_loss:.2f} (the count-based bigram's: {text.bigram_loss:.2f}). Any flag you "
-                "give overrides the plan.")
+                f"about {self.expected_loss:.2f} for text like Tiny Shakespeare (code and repetitive text go lower; "
+                f"the count-based bigram's: {text.bigram_loss:.2f}). Any flag you give overrides the plan.")
 
 
 def expected_loss(bigram_loss: float, tokens: int) -> float:
@@ -171,11 +172,7 @@ def plan(text: TextFigures, tokens_per_sec: dict[str, float], seconds: float, fo
                 and text.val_tokens > shape.block_size and text.train_tokens > shape.block_size)
 
     sized = [s for s in probed if possible(s) and time_tokens(s) >= TOKENS_PER_PARAM * s.params(text.vocab_size)]
-    chosen = sized[-1] if sized else probed[0]
-    if time_tokens(chosen) >= full:  # the text is small for this budget: spend the time left on size
-        chosen = [s for s in probed if possible(s) and time_tokens(s) >= full][-1]
-    if force:
-        chosen = next(s for s in LADDER if s.name == force)
+    chosen = next(s for s in LADDER if s.name == force) if force else sized[-1] if sized else probed[0]
     tps = tokens_per_sec[chosen.name]
     train_s = train_seconds(text, chosen, tps, seconds)
     steps = max(MIN_STEPS, int(min(tps * train_s, MAX_PASSES * text.train_tokens) / chosen.tokens_per_step()))
@@ -248,9 +245,9 @@ def probe(shape: Shape, vocab_size: int, base: dict, steps: int = 2) -> float:
 
 
 def probe_ladder(text: TextFigures, base: dict, seconds: float, measure=probe) -> dict[str, float]:
-    """Tokens per second of the ladder's shapes, smallest first, up to the first that neither
-    makes MAX_PASSES passes nor sees a token per parameter in the time (a larger one is slower
-    and has more parameters: it would fail too)."""
+    """Tokens per second of the ladder's shapes, smallest first, up to the first the rule turns
+    down (a larger one is slower and has more parameters: it would be turned down too); a shape
+    whose pace, guessed from the last one's by its work a token, falls far short is not probed."""
     out: dict[str, float] = {}
     last = None
     for shape in LADDER:
@@ -259,13 +256,11 @@ def probe_ladder(text: TextFigures, base: dict, seconds: float, measure=probe) -
             break
         if last is not None:  # predicted from the last one's pace by work per token: far short, not probed
             guess = out[last.name] * last.flops_per_token(text.vocab_size) / shape.flops_per_token(text.vocab_size)
-            if guess * train_seconds(text, shape, guess, seconds) < 0.7 * min(TOKENS_PER_PARAM * params,
-                                                                              MAX_PASSES * text.train_tokens):
+            if guess * train_seconds(text, shape, guess, seconds) < 0.7 * TOKENS_PER_PARAM * params:
                 break
         out[shape.name], last = measure(shape, text.vocab_size, base), shape
-        tokens = out[shape.name] * train_seconds(text, shape, out[shape.name], seconds)
-        if tokens < min(TOKENS_PER_PARAM * params, MAX_PASSES * text.train_tokens):
-            break  # neither rule can take it: a larger shape is slower and bigger
+        if out[shape.name] * train_seconds(text, shape, out[shape.name], seconds) < TOKENS_PER_PARAM * params:
+            break  # the rule turns it down: a larger shape is slower and bigger
     return out
 
 
