@@ -294,8 +294,10 @@ def auto_settings(flags: dict, note) -> dict:
     measured = probe_ladder(text, flags, budget - (time.perf_counter() - STARTED))
     result = plan(text, measured, budget - (time.perf_counter() - STARTED))
     note(result.describe(text, budget))
-    # The run's --max-time counts from its own start: what is left of the budget after the plan.
-    left = round(budget - (time.perf_counter() - STARTED), 1)
+    # The run's --max-time counts from its own start and bounds its training and reports: what is
+    # left of the budget after the plan, less the final whole-val evaluation that follows it.
+    final_eval = text.val_tokens / (3 * result.tokens_per_sec)
+    left = round(max(1.0, budget - (time.perf_counter() - STARTED) - final_eval), 1)
     return {**result.settings, "max_iters": max_iters(result, text), "max_time": left}
 
 
