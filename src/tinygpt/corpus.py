@@ -91,9 +91,8 @@ class Layout:
 
     @classmethod
     def of(cls, cfg) -> "Layout":
-        """The layout a TrainConfig (or run.json's train settings, as a dict) asks for."""
-        get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
-        return cls(get("text_field", "text"), get("val_split", "auto"), get("val_fraction", 0.1))
+        """The layout a TrainConfig asks for."""
+        return cls(cfg.text_field, cfg.val_split, cfg.val_fraction)
 
     def tag(self) -> str:
         """"" for the defaults (token files keep their old names), else a short hash."""
@@ -127,11 +126,6 @@ def scan(source: Source) -> Scan:
                     alphabet[ch] = None
                     known_ascii += ch.encode("ascii") if ch.isascii() else b""
     return Scan(n, "".join(alphabet), counts["documents"], counts["empty"])
-
-
-def text_alphabet(data, text_field: str = "text") -> str:
-    """The distinct characters of the corpus at `data`, in order of first appearance."""
-    return scan(open_source(data, text_field)).alphabet
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
