@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from tinygpt import checkpoint as ckpt
 from tinygpt.config import ModelConfig, build
 from tinygpt.errors import UserError
-from tinygpt.tokenizer import BPETokenizer, CharTokenizer
+from tinygpt.tokenizer import END_OF_DOCUMENT, BPETokenizer, CharTokenizer
 
 HF_PREFIX = "hf:"  # --init-from hf:DIR
 
@@ -65,7 +65,7 @@ _RENAMES = (("token_embedding_table.", "transformer.wte."), ("position_embedding
             ("blocks.", "transformer.h."), ("ln_f.", "transformer.ln_f."))
 
 _VOCAB_ROWS = ("token_embedding_table.weight", "lm_head.weight")  # one row per token
-END_OF_TEXT = "<|endoftext|>"  # GPT-2's one special token: bos, eos and unk at once
+END_OF_TEXT = END_OF_DOCUMENT  # GPT-2's one special token, bos, eos and unk at once: a run's document end
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
