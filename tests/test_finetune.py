@@ -68,7 +68,10 @@ def test_init_from_refuses_unknown_characters_unless_told_to_grow(base_run, tmp_
     old, grown = weights(base_run), weights(tmp_path / "grown")
     assert torch.equal(grown["token_embedding_table.weight"][:n], old["token_embedding_table.weight"])
     assert torch.equal(grown["lm_head.bias"][:n], old["lm_head.bias"])
-    assert torch.equal(grown["lm_head.bias"][n:], torch.zeros(4))  # new characters: fresh init
+    # new characters start as the average one (checkpoint.grow_rows)
+    assert torch.equal(grown["lm_head.bias"][n:], old["lm_head.bias"].mean().expand(4))
+    assert torch.allclose(grown["token_embedding_table.weight"][n:],
+                          old["token_embedding_table.weight"].mean(0, keepdim=True).expand(4, -1))
     assert torch.equal(grown["blocks.0.attn.c_attn.weight"], old["blocks.0.attn.c_attn.weight"])
 
 

@@ -350,8 +350,10 @@ def configs_from_meta(meta: dict):
 
 def load_weights(path: Path, model: torch.nn.Module, grown: bool = False) -> None:
     """Load a safetensors file into `model`, refusing (one line) a damaged file or one that does
-    not fit. `grown`: the model's vocabulary was extended (fine-tuning with --grow-vocab), so
-    the saved rows (and bigram columns) are copied and the new entries keep their fresh init."""
+    not fit. `grown`: the model's vocabulary was extended (fine-tuning with --grow-vocab, or on
+    conversations: the chat template's tokens), so the saved rows (and bigram columns) are
+    copied; a new token's embedding and output-head row (and head bias) start as the mean of the
+    saved ones (`grow_rows`), other new entries keep their fresh init."""
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -363,6 +365,8 @@ def load_weights(path: Path, model: torch.nn.Module, grown: bool = False) -> Non
                 a >= b for a, b in zip(own[name].shape, tensor.shape)
             ):
                 own[name][tuple(slice(0, n) for n in tensor.shape)] = tensor
+                if own[name].shape[1:] == tensor.shape[1:]:  # grown along the vocabulary only
+                    own[name] = grow_rows(tensor, len(own[name]))
                 state[name] = own[name]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -376,6 +380,16 @@ def load_weights(path: Path, model: torch.nn.Module, grown: bool = False) -> Non
             f"weights in {path} do not fit the model in run.json (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]})"
         )
+
+
+def grow_rows(saved: torch.Tensor, n: int) -> torch.Tensor:
+    """`saved` (one row a token) grown to `n` rows, each new one the mean of the saved rows. A
+    new token then starts as an average token: its output logit is the mean of the others' (not
+    a random one that might dominate), so the first fine-tuning step's loss stays near the base
+    model's, and it learns its own direction from there (Hewitt, "Initializing new word
+    embeddings for pretrained language models", 2021)."""
+    mean = saved.float().mean(dim=0, keepdim=True).to(saved.dtype)
+    return torch.cat([saved, mean.expand(n - len(saved), *saved.shape[1:])])
 
 
 def load_run_tokenizer(run_dir: Path, model_cfg):

@@ -1,4 +1,4 @@
-"""The `tinygpt` command: train, sample, eval, prepare, serve, runs, export, bench, plot, presets.
+"""The `tinygpt` command: train, sample, chat, eval, prepare, serve, runs, export, bench, plot, presets.
 
 Flags are generated from the config dataclasses, so `--help` always shows every setting with its
 default and meaning. Errors the user can fix print one line and exit with status 2. Nothing
@@ -98,6 +98,17 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
                        "--num-samples N are generated together, as one batch.")
     add_run_args(p)
     add_fields(p, C.SampleConfig)
+    add_fields(p, C.TrainConfig, only={"device", "dtype"})
+
+    p = sub.add_parser("chat", help="chat with a run fine-tuned on conversations, in the terminal",
+                       description="An interactive chat with a run fine-tuned on conversations (tinygpt train "
+                       "--init-from RUN --data chats.jsonl): replies streamed, the history kept and cut from its "
+                       "oldest exchanges to fit the block (the system message kept). Commands: /reset, "
+                       "/system TEXT, /temperature X, /quit. Ctrl-C stops a reply, Ctrl-D ends the chat. With "
+                       "stdin not a terminal, each line is a user turn and each reply is printed on a line.")
+    add_run_args(p)
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message to start from (default: none)")
+    add_fields(p, C.SampleConfig, only={"max_new_tokens", "temperature", "top_k", "top_p", "seed"})
     add_fields(p, C.TrainConfig, only={"device", "dtype"})
 
     p = sub.add_parser("eval", help="loss over the whole val and train splits",
@@ -200,7 +211,8 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
         print(f"tinygpt {version()}")
         return 0
     if not args.command:
-        parser.error("choose a command: train, sample, eval, prepare, serve, runs, export, bench, plot or presets")
+        parser.error("choose a command: train, sample, chat, eval, prepare, serve, runs, export, bench, plot or "
+                     "presets")
     try:
         with memory_guard(f"out of memory in tinygpt {args.command}; use a smaller model or batch, "
                           "or a device with more memory"):  # the commands name their own batches
@@ -318,6 +330,91 @@ def cmd_sample(args) -> int:
             out.write("\n---------------\n")
         out.write(prompt + tokenizer.decode(row) + "\n")
     return 0
+
+
+def cmd_chat(args) -> int:
+    import torch
+
+    from tinygpt.chat import chat_ids, reply
+    from tinygpt.checkpoint import load_run
+    from tinygpt.runtime import autocast, inference_dtype, resolve_device
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(C.SampleConfig) if hasattr(args, f.name)}
+    cfg = C.build(C.SampleConfig, given)
+    device = resolve_device(getattr(args, "device", "auto"))
+    dtype = inference_dtype(getattr(args, "dtype", "auto"), device)
+    model, tokenizer = load_run(args.ckpt, args.which, device)
+    chat_ids(tokenizer)  # a run without the template is refused here, in one line
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    interactive = sys.stdin.isatty()
+    state = {"system": args.system, "temperature": cfg.temperature, "history": []}
+    if interactive:
+        say_which(args.ckpt, args.which)
+        sys.stderr.write(f"chatting with {args.ckpt} (block {model.config.block_size} tokens): /reset, /system "
+                         "TEXT, /temperature X, /quit; Ctrl-C stops a reply, Ctrl-D ends the chat\n")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # at the prompt: not the end of the chat
+            sys.stderr.write("\n(Ctrl-D or /quit ends the chat)\n")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            if chat_command(text, state):
+                break
+            continue
+        unknown = tokenizer.unknown(text)
+        if unknown:
+            text = "".join(ch for ch in text if ch not in set(unknown))
+            sys.stderr.write(f"(dropped character(s) the model does not know: {', '.join(map(repr, unknown))})\n")
+        state["history"].append({"role": "user", "content": text or " "})
+        system = [{"role": "system", "content": state["system"]}] if state["system"] else []
+        answer = []
+        if interactive:
+            sys.stdout.write("bot> ")
+        try:
+            with autocast(device, dtype):
+                for piece in reply(model, tokenizer, system + state["history"], cfg.max_new_tokens,
+                                   state["temperature"], cfg.top_k, cfg.top_p, gen):
+                    answer.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:  # stops this reply; what was said so far stays in the history
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        state["history"].append({"role": "assistant", "content": "".join(answer) or " "})
+    return 0
+
+
+def chat_command(text: str, state: dict) -> bool:
+    """A /command of `tinygpt chat`; True for /quit."""
+    name, _, rest = text.partition(" ")
+    rest = rest.strip()
+    if name in ("/quit", "/exit"):
+        return True
+    if name == "/reset":
+        state["history"] = []
+        sys.stderr.write("(history cleared)\n")
+    elif name == "/system":
+        state["system"] = rest or None
+        sys.stderr.write(f"(system message {'set' if rest else 'removed'})\n")
+    elif name == "/temperature":
+        try:
+            value = float(rest)
+            C.check_sampling(value, None, None)
+        except (ValueError, UserError):
+            sys.stderr.write(f"(/temperature takes a number from 0 up, got {rest!r})\n")
+            return False
+        state["temperature"] = value
+        sys.stderr.write(f"(temperature {value:g})\n")
+    else:
+        sys.stderr.write(f"(unknown command {name}; the commands are /reset, /system TEXT, /temperature X, /quit)\n")
+    return False
 
 
 # Probability buckets and their terminal colours (256-colour backgrounds, dark text): red is a
@@ -460,8 +557,9 @@ def cmd_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "prepare": cmd_prepare, "serve": cmd_serve,
-            "runs": cmd_runs, "export": cmd_export, "presets": cmd_presets, "bench": cmd_bench, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "eval": cmd_eval, "prepare": cmd_prepare,
+            "serve": cmd_serve, "runs": cmd_runs, "export": cmd_export, "presets": cmd_presets, "bench": cmd_bench,
+            "plot": cmd_plot}
 
 
 if __name__ == "__main__":

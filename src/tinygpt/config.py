@@ -102,6 +102,12 @@ class TrainConfig:
         choices=("auto", "tail", "documents"))
     val_fraction: float = setting(0.1, "the share of the text (tail) or of the documents (documents) held out as val",
                                   gt=0, lt=1)
+    data_format: str = setting(
+        "auto", "chat: the data is conversations to fine-tune an assistant on (.jsonl, a line each: {\"messages\": "
+        "[{\"role\": \"user\", \"content\": ...}, ...]}); text: documents; auto: chat when a .jsonl file's first "
+        "record has a \"messages\" list", choices=("auto", "text", "chat"))
+    loss_on: str = setting("assistant", "conversations: learn the assistant's answers only (assistant) or every "
+                           "token (all)", choices=("assistant", "all"))
     out: str | None = setting(None, "run directory to write (default: runs/MODEL-TIMESTAMP)")
     resume: str | None = setting(None, "continue the run in this directory from its latest checkpoint")
     overwrite: bool = setting(False, "allow replacing an existing run directory given by --out")

@@ -166,6 +166,11 @@ def take(data, index: torch.Tensor) -> torch.Tensor:
 
 def random_batches(data: torch.Tensor, block_size: int, batch_size: int, n: int, seed: int):
     """`n` random batches, the same ones for the same seed (the periodic loss estimate)."""
+    if is_chat(data):
+        from tinygpt import chat
+
+        yield from chat.random_batches(data, batch_size, n, seed)
+        return
     sampler = BatchSampler(data, block_size, batch_size, seed)
     for _ in range(n):
         yield sampler.next_step()[0]
@@ -174,13 +179,24 @@ def random_batches(data: torch.Tensor, block_size: int, batch_size: int, n: int,
 IGNORE = -100  # a target that is not scored (cross_entropy's ignore_index)
 
 
+def is_chat(data) -> bool:
+    """Whether a split is conversations (`tinygpt.chat.ChatSplit`), one a row, not a stream of ids."""
+    return hasattr(data, "targets")
+
+
 def windows(data: torch.Tensor, block_size: int, batch_size: int, eot: int | None = None):
     """Consecutive non-overlapping windows covering `data`: every token but the first is predicted
     exactly once. Yields (x, y) batches; the last window may be shorter and comes alone.
 
     With `eot` (a corpus of documents), windows never cross a document boundary: each document's
     windows start at the end-of-document token before it (its first token is predicted from that
-    alone) and end with its own, and rows shorter than the block are padded with IGNORE targets."""
+    alone) and end with its own, and rows shorter than the block are padded with IGNORE targets.
+    A split of conversations gives each conversation once, a row each (`tinygpt.chat`)."""
+    if is_chat(data):
+        from tinygpt import chat
+
+        yield from chat.windows(data, batch_size)
+        return
     if eot is not None:
         yield from _document_windows(data, block_size, batch_size, eot)
         return
@@ -210,8 +226,8 @@ class Corpus:
     eot: int | None = None  # the end-of-document token between documents, if the corpus has several
 
     def chars_per_token(self) -> dict:
-        return {"train": self.train_chars / max(1, len(self.train) - 1),
-                "val": self.val_chars / max(1, len(self.val) - 1)}
+        return {name: chars / max(1, split.scored if is_chat(split) else len(split) - 1)
+                for name, split, chars in (("train", self.train, self.train_chars), ("val", self.val, self.val_chars))}
 
 
 def encode_corpus(path: Path, text: str, tokenizer, block_size: int) -> Corpus:
@@ -263,6 +279,8 @@ def _document_windows(data, block_size: int, batch_size: int, eot: int):
 
 def count_windows(n_tokens: int, block_size: int, batch_size: int, data=None, eot: int | None = None) -> int:
     """How many batches `windows` yields for a split of `n_tokens` (`data` itself with `eot`)."""
+    if is_chat(data):
+        return -(-len(data) // batch_size)
     if eot is not None:
         return -(-len(document_window_starts(data, block_size, eot)[0]) // batch_size)
     n_full = (n_tokens - 1) // block_size

@@ -53,7 +53,7 @@ def evaluate_split(model, data: torch.Tensor, block_size: int, device, dtype,
             logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum", ignore_index=IGNORE
         )
         total_nats += nll.item()
-        count += int((y != IGNORE).sum()) if eot is not None else y.numel()
+        count += int((y != IGNORE).sum())
         if tick:
             tick()
     model.train(was_training)

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tinygpt import checkpoint as ckpt
+from tinygpt.chat import CHAT_TEMPLATE, CHAT_TOKENS, END_OF_TURN, has_chat
 from tinygpt.config import ModelConfig, build
 from tinygpt.errors import UserError
 from tinygpt.tokenizer import END_OF_DOCUMENT, BPETokenizer, CharTokenizer
@@ -160,9 +161,15 @@ def gpt2_config(cfg: ModelConfig, tokenizer) -> dict:
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": eos,
-        "eos_token_id": eos,
+        "eos_token_id": tokenizer_eos(tokenizer),
         "use_cache": True,
     }
+
+
+def tokenizer_eos(tokenizer) -> int | None:
+    """Where generation ends: a chat run's end of turn, else the end of a document (or none)."""
+    return tokenizer.stoi[END_OF_TURN] if tokenizer.kind == "char" and has_chat(tokenizer) else (
+        tokenizer.hf.token_to_id(END_OF_TURN) if has_chat(tokenizer) else _end_of_text_id(tokenizer))
 
 
 def _end_of_text_id(tokenizer) -> int | None:
@@ -181,6 +188,8 @@ def char_tokenizer_as_hf(tokenizer: CharTokenizer):
     tok.decoder = decoders.Fuse()
     if tokenizer.eot_id is not None:  # a run trained on documents: its end-of-document token, as eos
         tok.add_special_tokens([END_OF_TEXT])
+    if has_chat(tokenizer):  # a run fine-tuned on conversations: its template's tokens, never split
+        tok.add_special_tokens(list(CHAT_TOKENS))
     return tok
 
 
@@ -195,6 +204,8 @@ def tokenizer_files(tokenizer, block_size: int) -> dict[str, str]:
     }
     if _end_of_text_id(tokenizer) is not None:
         config.update(bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT)
+    if has_chat(tokenizer):  # apply_chat_template renders as tinygpt does; a reply ends at its end of turn
+        config.update(chat_template=CHAT_TEMPLATE, eos_token=END_OF_TURN)
     return {"tokenizer.json": hf_tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
 
 
@@ -321,7 +332,8 @@ def read_gpt2_tokenizer(directory: Path):
         if kind == "BPE":
             return BPETokenizer(tok)
         vocab = data["model"].get("vocab", {})
-        chars = all(len(ch) == 1 or ch == END_OF_TEXT for ch in vocab)  # and a run's end-of-document token
+        # and a run's end-of-document token and chat template's tokens
+        chars = all(len(ch) == 1 or ch == END_OF_TEXT or ch in CHAT_TOKENS for ch in vocab)
         if kind == "WordLevel" and chars and sorted(vocab.values()) == list(range(len(vocab))):
             return CharTokenizer(sorted(vocab, key=vocab.get))  # a char run exported by tinygpt
         raise UserError(f"{path} is a {kind} tokenizer; tinygpt reads byte-level BPE (GPT-2's) or its own char one")
@@ -392,7 +404,7 @@ def load_gpt2_weights(model, directory: str | Path) -> None:
         if name == "position_embedding_table.weight":
             tensor = tensor[: cfg.block_size]  # a shorter block keeps the first positions
         if name in _VOCAB_ROWS and tensor.shape[1:] == target.shape[1:] and len(tensor) < len(target):
-            tensor = torch.cat([tensor, target[len(tensor):]])  # --grow-vocab: new rows keep their init
+            tensor = ckpt.grow_rows(tensor, len(target))  # new tokens: the mean of the others
         if tensor.shape != target.shape:
             raise UserError(f"{directory}: weight {source} has shape {tuple(state[source].shape)}, but config.json "
                             f"implies {tuple(target.t().shape if is_conv1d(name) else target.shape)}; "

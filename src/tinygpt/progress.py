@@ -121,15 +121,19 @@ def time_probe(model, cfg, corpus, device, dtype, start_step: int) -> dict:
     and gradients are left as they were, so the run itself is unchanged."""
     import torch
 
-    from tinygpt.data import take
+    from tinygpt.data import is_chat, take
     from tinygpt.runtime import autocast
 
     block = model.config.block_size
     n = cfg.batch_size if device.type == "cuda" else min(4, cfg.batch_size)  # CPU: a small, fast probe
-    x = take(corpus.train, torch.arange(min(len(corpus.train), n * block + 1)))
-    x = x[: (len(x) - 1) // block * block + 1]
-    rows = max(1, (len(x) - 1) // block)
-    inputs, targets = x[:-1].view(rows, -1)[:, :block].to(device), x[1:].view(rows, -1)[:, :block].to(device)
+    if is_chat(corpus.train):  # conversations: a row each
+        rows = min(n, len(corpus.train))
+        inputs, targets = (t.to(device) for t in corpus.train.batch(torch.arange(rows)))
+    else:
+        x = take(corpus.train, torch.arange(min(len(corpus.train), n * block + 1)))
+        x = x[: (len(x) - 1) // block * block + 1]
+        rows = max(1, (len(x) - 1) // block)
+        inputs, targets = x[:-1].view(rows, -1)[:, :block].to(device), x[1:].view(rows, -1)[:, :block].to(device)
     rng = torch.get_rng_state()
     was_training = model.training
     model.train()
@@ -149,7 +153,8 @@ def time_probe(model, cfg, corpus, device, dtype, start_step: int) -> dict:
     forward_row = per_row / 3  # a forward is about a third of forward + backward
     step = per_row * cfg.batch_size * cfg.grad_accum
     estimate = forward_row * cfg.batch_size * cfg.eval_iters * 2
-    final = forward_row * len(corpus.val) / block if cfg.final_eval else 0.0
+    val_rows = len(corpus.val) if is_chat(corpus.val) else len(corpus.val) / block
+    final = forward_row * val_rows if cfg.final_eval else 0.0
     steps = max(0, cfg.max_iters - start_step)
     reports = steps // cfg.eval_interval + 1
     total = steps * step + reports * estimate + final

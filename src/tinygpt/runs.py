@@ -210,22 +210,81 @@ def tokenizer_and_tokens(cfg: C.TrainConfig, dist, note) -> tuple:
             ckpt.read_run_meta(Path(cfg.init_from))
             tokenizer = load_tokenizer(Path(cfg.init_from) / "tokenizer.json")
         found = dist.on_main(scan, open_source(data_path, cfg.text_field))
-        alphabet = found.alphabet  # in order of first appearance
-        unknown = tokenizer.unknown(alphabet)
         if cfg.grow_vocab and isinstance(tokenizer, CharTokenizer) and found.documents > 1:
             tokenizer = tokenizer.with_eot()  # documents get their end-of-document token (a new last id)
-        if unknown and cfg.grow_vocab and isinstance(tokenizer, CharTokenizer):
-            tokenizer = tokenizer.extend(alphabet)
-        elif unknown:
-            raise UserError(
-                f"{data_path} has {len(unknown)} character(s) the run {cfg.init_from} never saw "
-                f"({', '.join(map(repr, unknown[:10]))}); pass --grow-vocab to add them"
-            )
+        tokenizer = grown(tokenizer, found.alphabet, cfg, data_path)
         return tokenizer, data_path, _token_file(dist, data_path, tokenizer, note, layout), None
     tokens = dist.on_main(prepare, data_path, kind=cfg.tokenizer, vocab_size=cfg.vocab_size, log=note, layout=layout)
     # Rank 0's tokenizer, sent to all: on another machine its token file may not exist.
     tokenizer = tokenizer_from_json(dist.on_main(lambda: read_tokenizer(tokens).to_json()))
     return tokenizer, data_path, tokens if dist.is_main else prepare(data_path, tokenizer, layout=layout), None
+
+
+def grown(tokenizer, alphabet: str, cfg: C.TrainConfig, data_path):
+    """The base run's tokenizer for a fine-tune on text of `alphabet`: with the characters it
+    lacks added under --grow-vocab (char tokenizers), else refused naming them."""
+    from tinygpt.tokenizer import CharTokenizer
+
+    unknown = tokenizer.unknown(alphabet)
+    if unknown and cfg.grow_vocab and isinstance(tokenizer, CharTokenizer):
+        return tokenizer.extend(alphabet)
+    if unknown:
+        raise UserError(f"{data_path} has {len(unknown)} character(s) the run {cfg.init_from} never saw "
+                        f"({', '.join(map(repr, unknown[:10]))}); pass --grow-vocab to add them")
+    return tokenizer
+
+
+def is_chat_data(cfg: C.TrainConfig) -> bool:
+    """Whether the run trains on conversations: --data-format chat, or auto and a .jsonl file
+    whose first record has a "messages" list (a resumed run: as it was recorded)."""
+    if cfg.data_format != "auto":
+        return cfg.data_format == "chat"
+    from tinygpt.chat import looks_like_chat
+    from tinygpt.documents import is_hf
+
+    data = cfg.data or (ckpt.read_run_meta(Path(cfg.resume))["data_path"] if cfg.resume else None)
+    return data is not None and not is_hf(data) and looks_like_chat(data)
+
+
+def chat_data(cfg: C.TrainConfig) -> tuple:
+    """(tokenizer with the chat template's tokens, data path, conversations, the resumed run's
+    run.json or None) of a run on conversations (`tinygpt.chat`)."""
+    from tinygpt.chat import alphabet, contents, read_conversations, with_chat
+    from tinygpt.data import find_corpus
+    from tinygpt.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+
+    if cfg.resume:
+        meta = ckpt.read_run_meta(Path(cfg.resume))
+        tokenizer = ckpt.load_run_tokenizer(cfg.resume, ckpt.configs_from_meta(meta)[0])
+        data_path = cfg.data or meta["data_path"]
+        return tokenizer, data_path, read_conversations(data_path), meta
+    data_path = find_corpus(cfg.data)
+    conversations = read_conversations(data_path)
+    if cfg.init_from:
+        if hf_source(cfg.init_from):
+            from tinygpt.hf import read_gpt2_tokenizer
+
+            tokenizer = read_gpt2_tokenizer(hf_source(cfg.init_from))
+        else:
+            ckpt.read_run_meta(Path(cfg.init_from))
+            tokenizer = load_tokenizer(Path(cfg.init_from) / "tokenizer.json")
+        tokenizer = grown(tokenizer, alphabet(conversations), cfg, data_path)
+    elif cfg.tokenizer == "char":
+        tokenizer = CharTokenizer.train(alphabet(conversations))
+    else:
+        tokenizer = BPETokenizer.train(contents(conversations), cfg.vocab_size)
+    return with_chat(tokenizer), data_path, conversations, None
+
+
+def chat_corpus(conversations, tokenizer, data_path, block_size: int, cfg: C.TrainConfig, note):
+    """The train and val rows of a run on conversations, said in one paragraph first."""
+    from tinygpt.chat import build_splits
+    from tinygpt.data import Corpus
+
+    train, val, stats = build_splits(conversations, tokenizer, block_size, cfg.loss_on, cfg.val_fraction,
+                                     str(data_path))
+    note(stats.describe(Path(data_path).name, block_size, cfg.loss_on))
+    return Corpus(Path(data_path), train, val, val.chars, train.chars)
 
 
 def _token_file(dist, data_path, tokenizer, note, layout) -> Path:
@@ -238,15 +297,16 @@ def _token_file(dist, data_path, tokenizer, note, layout) -> Path:
     return tokens if dist.is_main else prepare(data_path, tokenizer, layout=layout)
 
 
-def load_init_weights(model, cfg: C.TrainConfig) -> None:
-    """A fine-tune's starting weights, from a GPT-2-family directory (`hf:DIR`) or a run."""
+def load_init_weights(model, cfg: C.TrainConfig, grown: bool = False) -> None:
+    """A fine-tune's starting weights, from a GPT-2-family directory (`hf:DIR`) or a run;
+    `grown`: the vocabulary gained tokens (see `checkpoint.load_weights`)."""
     if hf_dir := hf_source(cfg.init_from):
         from tinygpt.hf import load_gpt2_weights
 
         load_gpt2_weights(model, hf_dir)
     else:
         ckpt.load_weights(ckpt.checkpoint_dir(cfg.init_from, "latest") / "model.safetensors", model,
-                          grown=cfg.grow_vocab)
+                          grown=grown or cfg.grow_vocab)
 
 
 def run_record(cfg: C.TrainConfig, data_path, dtype, kernel: str, device, world: int,
@@ -256,6 +316,10 @@ def run_record(cfg: C.TrainConfig, data_path, dtype, kernel: str, device, world:
 
     extra = {"data_path": open_source(data_path).key(), "dtype": str(dtype).removeprefix("torch."),
              "attention_kernel": kernel, "device": str(device), "world_size": world}
+    if cfg.data_format == "chat":  # the template its conversations were rendered with (tinygpt.chat)
+        from tinygpt.chat import CHAT_TEMPLATE
+
+        extra["chat_template"] = CHAT_TEMPLATE
     if cfg.optimizer == "muon":
         extra["muon_ns_dtype"] = str(ns_dtype).removeprefix("torch.")
     if cfg.init_from:

@@ -23,6 +23,7 @@ import torch
 from tinygpt import STARTED, resources, runs
 from tinygpt import checkpoint as ckpt
 from tinygpt import config as C
+from tinygpt.chat import ChatSampler
 from tinygpt.corpus import describe, load_corpus, read_header
 from tinygpt.data import BatchSampler
 from tinygpt.distributed import SINGLE, Distributed
@@ -230,16 +231,25 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
     """The run's data, device, model, optimizer and batches; its directory (new, or the resumed
     one with its loop state restored); and a timed probe of how long it will take."""
     device = dist.device(resolve_device(cfg.device))
-    tokenizer, data_path, tokens, meta = runs.tokenizer_and_tokens(cfg, dist, note)
+    chat = runs.is_chat_data(cfg)  # conversations (tinygpt.chat), or text
+    if chat:
+        tokenizer, data_path, conversations, meta = runs.chat_data(cfg)
+    else:
+        tokenizer, data_path, tokens, meta = runs.tokenizer_and_tokens(cfg, dist, note)
     if cfg.init_from:  # fine-tuning keeps the base run's architecture
         model_cfg = runs.finetune_model_config(cfg.init_from, model_cfg)
-    if cfg.tokenizer != tokenizer.kind:  # run.json says which tokenizer the run really uses
-        cfg = C.build(C.TrainConfig, {**C.to_dict(cfg), "tokenizer": tokenizer.kind})
+    data_format = "chat" if chat else "text"
+    if (cfg.tokenizer, cfg.data_format) != (tokenizer.kind, data_format):  # run.json says what the run really uses
+        cfg = C.build(C.TrainConfig, {**C.to_dict(cfg), "tokenizer": tokenizer.kind, "data_format": data_format})
+    base_vocab = model_cfg.vocab_size
     model_cfg = C.build(C.ModelConfig, {**C.to_dict(model_cfg), "vocab_size": tokenizer.vocab_size})
-    corpus = load_corpus(tokens, model_cfg.block_size)  # memory-mapped: memory does not grow with it
-    header = read_header(tokens)[0]
-    if header["documents"] > 1 or header["empty_documents"]:
-        note(describe(header))
+    if chat:  # in memory, a conversation a row
+        corpus = runs.chat_corpus(conversations, tokenizer, data_path, model_cfg.block_size, cfg, note)
+    else:
+        corpus = load_corpus(tokens, model_cfg.block_size)  # memory-mapped: memory does not grow with it
+        header = read_header(tokens)[0]
+        if header["documents"] > 1 or header["empty_documents"]:
+            note(describe(header))
     dtype = resolve_dtype(cfg.dtype, device)
     ns_dtype = muon_ns_dtype(dtype)  # --optimizer muon's Newton-Schulz iteration
     kernel = resolve_attention(model_cfg.attention, device)
@@ -250,13 +260,16 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
     with resources.memory_guard(lambda: _out_of_memory("build", 0, None, None, cfg, model_cfg, device, dtype)):
         model = build_model(model_cfg)
         if cfg.init_from:
-            runs.load_init_weights(model, cfg)
+            runs.load_init_weights(model, cfg, grown=tokenizer.vocab_size > base_vocab)
         model.to(device)
         model.set_attention(kernel)
         optimizer = make_optimizer(model, cfg, ns_dtype)
     scaler = grad_scaler(dtype, device)
-    sampler = BatchSampler(corpus.train, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.grad_accum,
-                           rank=dist.rank, world=dist.world)
+    if chat:
+        sampler = ChatSampler(corpus.train, cfg.batch_size, cfg.seed, cfg.grad_accum, rank=dist.rank, world=dist.world)
+    else:
+        sampler = BatchSampler(corpus.train, model_cfg.block_size, cfg.batch_size, cfg.seed, cfg.grad_accum,
+                               rank=dist.rank, world=dist.world)
     state = LoopState()
     if cfg.resume:
         run_dir = Path(cfg.resume)

@@ -81,6 +81,74 @@ class CompletionRequest(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart] = Field(..., description="the message's text (or OpenAI's text parts)")
+    name: str | None = Field(None, description="accepted for compatibility; unused")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions: OpenAI's chat fields that make sense here, plus top_k.
+
+    A field given as null takes its default, as OpenAI does."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    model: str | None = Field(None, description="the served run's name; may be left out")
+    messages: list[ChatMessage] = Field(..., min_length=1, description="the conversation so far")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="tokens to generate per choice (the "
+                                   "model's block_size)")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="the same as max_tokens")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = always the most likely token (1)")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass (1 = off)")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens (off)")
+    n: int | None = Field(None, ge=1, le=MAX_N, description="choices (1)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="choice j samples with seed + j: the same seed gives the same reply")
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} strings that end a reply (it also "
+                                         "ends at the model's end of turn)")
+    stream: bool | None = Field(None, description="server-sent events, chunks with a delta each")
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = Field(None, description="return each reply token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="with logprobs: this many most likely alternatives per position")
+    window: Literal["full", "chunked"] | None = Field(None, description="as for /v1/completions")
+    user: str | None = Field(None, description="accepted for compatibility; unused")
+
+    stops = CompletionRequest.stops
+
+    def want_logprobs(self) -> int | None:
+        """Alternatives per position the worker must keep (None: no log-probabilities)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """The request in `body`, or an ApiError(400) naming the first thing wrong with it."""
+    req = parse_body(ChatCompletionRequest, body)
+    stops = req.stops()
+    if len(stops) > MAX_STOP or any(s == "" for s in stops):
+        raise ApiError(400, f"stop: give at most {MAX_STOP} non-empty strings", "stop", "invalid_value")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+    size = sum(len(m.text()) for m in req.messages)
+    if size > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"messages hold {size:,} characters, over the limit of {MAX_PROMPT_CHARS:,}; send fewer "
+                       "(the model reads only its last block_size tokens)", "messages", "prompt_too_long")
+    return req
+
+
 Finish = Literal["stop", "length"]
 
 # What a field holds, for the message when a value has the wrong type (pydantic's own message for
@@ -90,6 +158,7 @@ EXPECTED = {
     "prompt": "a string, a list of strings, a list of token ids or a list of such lists",
     "stop": f"a string or a list of up to {MAX_STOP} strings",
     "stream_options": 'an object such as {"include_usage": true}',
+    "messages": 'a list of messages such as {"role": "user", "content": "hello"}',
 }
 
 
@@ -235,6 +304,44 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None
+    finish_reason: Finish | None
+
+
+class ChatCompletionResponse(BaseModel):
+    """The answer of POST /v1/chat/completions (a stream sends chat.completion.chunk objects, each
+    choice with a `delta`, then [DONE])."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
@@ -284,4 +391,4 @@ class InspectResponse(BaseModel):
     n_head: int
 
 
-REQUEST_MODELS = (CompletionRequest, TokenizeRequest, DetokenizeRequest, InspectRequest)
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest, InspectRequest)

@@ -4,6 +4,7 @@
     GET  /health          loaded, device, and how busy the worker is
     GET  /v1/models       the served run: parameters, vocabulary, block_size, val loss
     POST /v1/completions  OpenAI's completions, streamed as server-sent events or not
+    POST /v1/chat/completions  OpenAI's chat completions, for runs fine-tuned on conversations
 
 Every error leaves as OpenAI's error body with a 4xx status (a 500 only for a server fault,
 still in that shape, never a traceback).
@@ -28,12 +29,16 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinygpt import version as tinygpt_version
+from tinygpt.chat import CHAT_TEMPLATE, END_OF_TURN, has_chat, reply_room, stop_ids
+from tinygpt.chat import prompt_ids as chat_prompt
 from tinygpt.resources import is_out_of_memory
 from tinygpt.scoring import inspect, token_logprobs
 from tinygpt.serve.api import (
     MAX_BODY_BYTES,
     REQUEST_MODELS,
     ApiError,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -45,6 +50,7 @@ from tinygpt.serve.api import (
     TokenizeResponse,
     TokenizerInfo,
     parse_body,
+    parse_chat_request,
     parse_completion_request,
 )
 from tinygpt.serve.worker import Busy, Event, Sequence, Worker
@@ -190,6 +196,53 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16, 
                                      background=BackgroundTask(worker.cancel, seqs))  # if never started
         return await collect(request, worker, seqs, head, choices, prompt_tokens)
 
+    @app.post("/v1/chat/completions", dependencies=auth, responses={
+        200: {"model": ChatCompletionResponse, "description": "the reply; with stream: server-sent events",
+              "content": {"text/event-stream": {"schema": {
+                  "type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}}}},
+        **errors(400, 401, 404, 413, 429, 503)}, openapi_extra=body(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        req = parse_chat_request(await read_body(request))
+        check_model(req.model)
+        if not has_chat(served.tokenizer):
+            raise ApiError(400, "this run has no chat template (it was not fine-tuned on conversations): make one "
+                           "with tinygpt train --init-from RUN --data chats.jsonl, or use /v1/completions",
+                           "messages", "no_chat_template")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        for k, m in enumerate(messages):
+            unknown = served.tokenizer.unknown(m["content"])
+            if unknown:
+                raise ApiError(400, f"messages[{k}].content has {len(unknown)} character(s) the model's tokenizer "
+                               f"does not know: {', '.join(map(repr, unknown[:10]))}; remove them",
+                               f"messages.{k}.content", "unknown_characters")
+        block = served.model.config.block_size
+        max_tokens = req.max_completion_tokens or req.max_tokens or block
+        ids = chat_prompt(messages, served.tokenizer, reply_room(block, max_tokens))
+        loop = asyncio.get_running_loop()
+        ends = tuple(served.tokenizer.decode([i]) for i in sorted(stop_ids(served.tokenizer)))
+        seqs = make_sequences(req, [ids], max_tokens, loop, window, ends, req.want_logprobs())
+        try:
+            worker.submit(seqs)
+        except Busy as e:
+            raise ApiError(429, f"the server is busy ({e}); retry in a moment", None, "server_busy",
+                           "rate_limit_error") from None
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(chat_stream(worker, seqs, head, served.tokenizer, len(ids), include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(worker.cancel, seqs))
+        got = await gather(request, worker, seqs, len(seqs))
+        if isinstance(got, JSONResponse):
+            return got
+        texts, finishes, entries, completion_tokens = got
+        out = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                "logprobs": chat_logprobs(served.tokenizer, entries[i]) if req.logprobs else None,
+                "finish_reason": finishes[i]} for i in range(len(seqs))]
+        return JSONResponse({**head, "object": "chat.completion", "choices": out,
+                             "usage": _usage(len(ids), completion_tokens)})
+
     def openapi() -> dict:
         """FastAPI's schema, plus the request bodies (parsed by hand, for OpenAI's error shape)."""
         if app.openapi_schema is None:
@@ -212,8 +265,8 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16, 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        routes = ("GET /, GET /health, GET /v1/models, POST /v1/completions, POST /v1/inspect, GET /tokenizer_info, "
-                  "POST /tokenize, POST /detokenize")
+        routes = ("GET /, GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, "
+                  "POST /v1/inspect, GET /tokenizer_info, POST /tokenize, POST /detokenize")
         message = {404: f"no such path {request.url.path}; the server answers {routes}",
                    405: f"{request.method} is not allowed on {request.url.path}; the server answers {routes}"}
         return JSONResponse(ApiError(e.status_code, message.get(e.status_code, str(e.detail)), None,
@@ -265,13 +318,16 @@ def tokenizer_card(tokenizer, block_size: int) -> dict:
     rolling perplexity's first token on, and adds to a generation's stop sequences."""
     from tinygpt.hf import END_OF_TEXT
 
-    if tokenizer.eot_id is not None:  # a run trained on documents, or a GPT-2 tokenizer
+    if has_chat(tokenizer):  # a run fine-tuned on conversations: a reply ends at its end of turn
+        eos = END_OF_TURN
+    elif tokenizer.eot_id is not None:  # a run trained on documents, or a GPT-2 tokenizer
         eos = END_OF_TEXT
     else:
         eos = "\n" if not tokenizer.unknown("\n") else tokenizer.decode([0])
     return {"tokenizer_class": f"tinygpt.{type(tokenizer).__name__}", "kind": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size, "model_max_length": block_size, "eos_token": eos,
-            "bos_token": None, "pad_token": None, "unk_token": None, "chat_template": None}
+            "bos_token": None, "pad_token": None, "unk_token": None,
+            "chat_template": CHAT_TEMPLATE if has_chat(tokenizer) else None}
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -346,16 +402,18 @@ class Choice:
         return out
 
 
-def make_sequences(req: CompletionRequest, ids: list[list[int]], max_tokens: int, loop,
-                   window: str = "full", ends: tuple[str, ...] = ()) -> list[Sequence]:
+def make_sequences(req, ids: list[list[int]], max_tokens: int, loop, window: str = "full",
+                   ends: tuple[str, ...] = (), logprobs: int | None = -1) -> list[Sequence]:
     """One Sequence per choice, numbered as OpenAI does: prompt i's choice j is index i * n + j.
-    `ends`: stop sequences beyond the request's (the end-of-document token's text)."""
+    `ends`: stop sequences beyond the request's (the end-of-document token's text); `logprobs`:
+    alternatives to keep per position (-1: the request's own `logprobs`)."""
+    logprobs = req.logprobs if logprobs == -1 else logprobs
     n = req.n or 1
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     queue: asyncio.Queue = asyncio.Queue()
     temperature = 1.0 if req.temperature is None else req.temperature
     return [Sequence(i * n + j, prompt_ids, max_tokens, temperature, req.top_k, req.top_p, seed + j,
-                     req.stops() + ends, loop, queue, logprobs=req.logprobs, window=req.window or window)
+                     req.stops() + ends, loop, queue, logprobs=logprobs, window=req.window or window)
             for i, prompt_ids in enumerate(ids) for j in range(n)]
 
 
@@ -424,14 +482,11 @@ async def take_all(queue: asyncio.Queue) -> list[Event]:
     return list(merged.values())
 
 
-async def collect(request: Request, worker: Worker, seqs: list[Sequence], head: dict, choices: list[Choice],
-                  prompt_tokens: int):
-    """The whole completion as one JSON answer, with usage counts."""
-    entries = [list(c.prompt_entries) for c in choices]
+async def gather(request: Request, worker: Worker, seqs: list[Sequence], n: int):
+    """Every choice's generation, whole: (texts, finish reasons, log-prob entries, completion
+    tokens), or the JSONResponse to answer instead (an error, or the client gone)."""
+    texts, finishes, entries = [""] * n, [None] * n, [[] for _ in range(n)]
     remaining, completion_tokens = len(seqs), 0
-    if not seqs:  # max_tokens 0: the prompt (scored) is the answer
-        for c in choices:
-            c.finish = "length"
     gone = asyncio.ensure_future(disconnected(request))
     try:
         while remaining:
@@ -443,18 +498,77 @@ async def collect(request: Request, worker: Worker, seqs: list[Sequence], head: 
             for e in events.result():
                 if e.error:
                     return JSONResponse(_server_error(e.error, e.status), status_code=e.status)
-                choices[e.index].text += e.text
+                texts[e.index] += e.text
                 entries[e.index] += e.logprobs or []
                 if e.finish:
-                    choices[e.index].finish = e.finish
+                    finishes[e.index] = e.finish
                     remaining -= 1
                     completion_tokens += e.tokens
     finally:
         gone.cancel()
         worker.cancel(seqs)
+    return texts, finishes, entries, completion_tokens
+
+
+async def collect(request: Request, worker: Worker, seqs: list[Sequence], head: dict, choices: list[Choice],
+                  prompt_tokens: int):
+    """The whole completion as one JSON answer, with usage counts."""
+    got = await gather(request, worker, seqs, len(choices))
+    if isinstance(got, JSONResponse):
+        return got
+    texts, finishes, new_entries, completion_tokens = got
+    entries = [list(c.prompt_entries) + e for c, e in zip(choices, new_entries)]
+    for c, text, finish in zip(choices, texts, finishes):
+        c.text += text
+        c.finish = finish if seqs else "length"  # max_tokens 0: the prompt (scored) is the answer
     out = [_choice(c.index, c.text, c.finish, c.logprobs(e)) for c, e in zip(choices, entries)]
     # Plain JSON already: FastAPI's encoder would walk every log-prob again (a millisecond for 64 tokens)
     return JSONResponse({**head, "choices": out, "usage": _usage(prompt_tokens, completion_tokens)})
+
+
+async def chat_stream(worker: Worker, seqs: list[Sequence], head: dict, tokenizer, prompt_tokens: int,
+                      include_usage: bool):
+    """Server-sent events in OpenAI's chat chunk format: a first chunk with the role, then one
+    `delta` of content per piece of text, the finish reason in each choice's last, then [DONE]."""
+    head = {**head, "object": "chat.completion.chunk"}
+
+    def sse(body: dict) -> str:
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        yield "".join(sse({**head, "choices": [{"index": s.index, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]}) for s in seqs)
+        remaining, completion_tokens = len(seqs), 0
+        while remaining:
+            events = await take_all(seqs[0].queue)
+            if any(e.error for e in events):
+                yield sse(_server_error(next(e.error for e in events if e.error)))
+                return
+            yield "".join(sse({**head, "choices": [{
+                "index": e.index, "delta": {"content": e.text},
+                "logprobs": chat_logprobs(tokenizer, e.logprobs) if e.logprobs is not None else None,
+                "finish_reason": e.finish}]}) for e in events)
+            for e in events:
+                if e.finish:
+                    remaining -= 1
+                    completion_tokens += e.tokens
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield "data: [DONE]\n\n"
+    finally:
+        worker.cancel(seqs)
+
+
+def chat_logprobs(tokenizer, entries: list) -> dict:
+    """OpenAI's chat `logprobs` object of (id, log-prob, top alternatives) entries: the reply's
+    tokens (not the end of turn that ended it)."""
+    def item(token: int, lp: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    ends = stop_ids(tokenizer)
+    return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in (top or {}).items()]}
+                        for t, lp, top in entries if t not in ends]}
 
 
 async def disconnected(request: Request) -> None:
