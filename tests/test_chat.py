@@ -369,3 +369,122 @@ def test_schemathesis_finds_no_server_error_on_the_chat_endpoint(chat_server, tm
                         "--seed", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "failure" not in r.stdout.lower(), r.stdout[-4000:]
     assert "generated" in r.stdout
+
+
+def test_the_playground_chat_tab_talks_to_the_model_in_chromium(chat_server, tmp_path):
+    from test_serve import CHROMIUM, CHROMIUM_ARGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM} (.ci/run installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 700})  # a phone
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(chat_server.url + "/#chat")
+            expect(page.locator("#chat-panel")).to_be_visible()
+            expect(page.locator("#chat-note")).to_be_hidden()
+            page.fill("#chat_temperature", "0")
+            for question in ("abcd", "hgfe"):
+                page.fill("#chat-input", question)
+                page.press("#chat-input", "Enter")
+                expect(page.locator(".msg.assistant").last).to_have_text(question[::-1], timeout=30_000)
+                expect(page.locator("#send")).to_be_enabled()
+            assert page.locator(".msg.user").all_inner_texts() == ["abcd", "hgfe"]
+            page.click("#chat-reset")
+            assert page.locator(".msg").count() == 0
+            assert page.evaluate("document.documentElement.scrollWidth") <= 391  # nothing overflows
+            page.click("#tab-complete")
+            expect(page.locator("#complete-panel")).to_be_visible()
+            page.screenshot(path=str(tmp_path / "chat.png"))
+        finally:
+            browser.close()
+    assert errors == []
+
+
+@pytest.mark.slow
+def test_lm_eval_local_chat_completions_scores_the_fine_tuned_run(chat_server, tmp_path):
+    from conftest import REPO
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-chat-completions", "--model_args",
+                        f"base_url={chat_server.url}/v1/chat/completions,model=ft", "--apply_chat_template",
+                        "--include_path", "tests/lm_eval_tasks", "--tasks", "tiny_chat",
+                        "--output_path", str(tmp_path / "out")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (path,) = (tmp_path / "out").rglob("results_*.json")
+    score = json.loads(path.read_text())["results"]["tiny_chat"]["exact_match,none"]
+    assert score >= 0.9, r.stdout[-2000:]  # the reversed words, as the model learned them
+
+
+def test_a_bpe_run_fine_tunes_on_conversations_and_exports_the_same_template(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    rng = random.Random(4)
+    (tmp_path / "words.txt").write_text(" ".join(word(rng) for _ in range(3000)), encoding="utf-8")
+    m, t = tiny_configs(tmp_path / "words.txt", tmp_path / "base", tokenizer="bpe", vocab_size=300, n_embd=64,
+                        block_size=24, max_iters=5, head_bias=False)  # no head bias: exportable at any vocabulary
+    train(m, t, **QUIET)
+    reversal_chats(tmp_path / "c.jsonl", 50, seed=2, system=True)
+    m, t = tiny_configs(tmp_path / "c.jsonl", tmp_path / "ft", init_from=str(tmp_path / "base"), max_iters=5)
+    train(m, t, **QUIET)
+    base, tok = load_tokenizer(tmp_path / "base" / "tokenizer.json"), load_tokenizer(tmp_path / "ft" / "tokenizer.json")
+    assert tok.kind == "bpe" and tok.vocab_size == base.vocab_size + 4 and has_chat(tok)
+    assert tok.encode("abc hgf") == base.encode("abc hgf")  # every old id kept
+    assert cli("export", tmp_path / "ft", "--out", tmp_path / "hf").code == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "system", "content": "rev"}, {"role": "user", "content": "abc"}]
+    ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert list(ids) == render(messages, tok, add_generation_prompt=True)[0]
+
+
+def test_ctrl_c_stops_a_reply_not_the_chat_in_a_terminal(base_run, tmp_path):
+    """In a terminal (a pty here): a reply that would run on for thousands of tokens is stopped by
+    Ctrl-C, the chat goes on, and /quit ends it with status 0."""
+    import pty
+    import select
+    import signal
+    import time
+
+    # Not trained (0 steps): the template's tokens start as the average token, whose logit is the
+    # mean of all the others' and so never the largest: at temperature 0 the reply never ends.
+    reversal_chats(tmp_path / "c.jsonl", 40, seed=9)
+    m, t = tiny_configs(tmp_path / "c.jsonl", tmp_path / "ft", init_from=str(base_run), max_iters=0)
+    train(m, t, **QUIET)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: tinygpt chat on the pty
+        os.execv(sys.executable, [sys.executable, "-m", "tinygpt", "chat", "--ckpt", str(tmp_path / "ft"),
+                                  "--max-new-tokens", "4000", "--temperature", "0"])
+    seen = bytearray()
+
+    def wait_for(done, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, bytes(seen[-500:])
+            if select.select([fd], [], [], 0.1)[0]:
+                seen.extend(os.read(fd, 4096))
+
+    try:
+        wait_for(lambda: b"you> " in seen)
+        os.write(fd, b"abcd\n")
+        wait_for(lambda: b"bot> " in seen)
+        replied = seen.index(b"bot> ") + 5
+        wait_for(lambda: len(seen) > replied + 40)  # some of the reply, then Ctrl-C
+        os.write(fd, b"\x03")
+        wait_for(lambda: b"[stopped]" in seen)
+        wait_for(lambda: seen.count(b"you> ") == 2)  # the chat goes on
+        os.write(fd, b"/quit\n")
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(fd)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, bytes(seen[-500:])

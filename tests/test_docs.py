@@ -79,6 +79,13 @@ name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
 real = {python!r}
 fast, fresh, tiny = {fast!r}, {fresh!r}, {tiny!r}
 
+def ports(path):
+    out = {{}}
+    for line in open(path).read().splitlines():
+        pid, port, asked = line.split()
+        out.setdefault(asked, port)
+    return out
+
 def shorten(argv):
     extra = list(fast)
     if "--resume" not in argv and "--init-from" not in argv:
@@ -92,6 +99,7 @@ if name == "tinygpt" and args[:1] == ["serve"]:
     # blocks are pointed at the first one started.
     import re, shutil, time
     log = open(os.path.join({servers!r}, f"serve-{{time.monotonic_ns()}}.log"), "w+")
+    asked = args[args.index("--port") + 1] if "--port" in args else "8000"  # the port the page's examples use
     if "--ckpt" in args:  # the run under another name: an example that hard-codes a name fails
         i = args.index("--ckpt") + 1
         renamed = os.path.join({servers!r}, f"renamed-{{time.monotonic_ns()}}", "served-" + os.path.basename(args[i]))
@@ -106,15 +114,15 @@ if name == "tinygpt" and args[:1] == ["serve"]:
         time.sleep(0.05)
     port = re.search(r"API http://[^:]+:(\\d+)/v1", open(log.name).read()).group(1)
     with open(os.path.join({servers!r}, "ports"), "a") as f:
-        f.write(f"{{proc.pid}} {{port}}\\n")
+        f.write(f"{{proc.pid}} {{port}} {{asked}}\\n")
     sys.exit(0)
 if name == "tinygpt":
     argv = shorten(args) if args[:1] == ["train"] else args
     sys.exit(subprocess.call([real, "-m", "tinygpt", *argv]))
-if name == "curl":
-    port = open(os.path.join({servers!r}, "ports")).read().split()[1]
-    args = [a.replace("localhost:8000", f"127.0.0.1:{{port}}").replace("127.0.0.1:8000", f"127.0.0.1:{{port}}")
-            for a in args]
+if name == "curl":  # each documented port goes to the first server started for it
+    for asked, port in ports(os.path.join({servers!r}, "ports")).items():
+        args = [a.replace(f"localhost:{{asked}}", f"127.0.0.1:{{port}}").replace(f"127.0.0.1:{{asked}}",
+                f"127.0.0.1:{{port}}") for a in args]
     sys.exit(subprocess.call(["/usr/bin/curl", "--fail-with-body", *args]))
 if name == "python":
     if args[:2] == ["-m", "pytest"]:
@@ -240,9 +248,10 @@ def test_every_documented_command_runs(tmp_path):
                     assert r.returncode == 0, f"{where}\nfailed with {r.returncode}:\n{output}"
                     assert "Traceback" not in r.stderr, f"{where}\n{r.stderr[-3000:]}"
                     continue
-                if "127.0.0.1:8000" in code:
-                    port = (servers / "ports").read_text().split()[1]
-                    code = code.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+                for line in ((servers / "ports").read_text().splitlines() if (servers / "ports").exists()
+                             else []):  # each documented port: the first server started for it
+                    _, port, asked = line.split()
+                    code = code.replace(f"127.0.0.1:{asked}", f"127.0.0.1:{port}")
                 os.chdir(work)
                 try:
                     exec(compile(code, name, "exec"), {"__name__": "docs"})

@@ -1,6 +1,7 @@
 // The playground: streams POST /v1/completions (server-sent events) into the page, each generated
 // character coloured by the probability the model gave it (the stream's logprobs), and shows the
-// attention of every layer and head from POST /v1/inspect.
+// attention of every layer and head from POST /v1/inspect. Its Chat tab talks to a run fine-tuned
+// on conversations through POST /v1/chat/completions.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -117,6 +118,29 @@ function numberOrNull(id) {
   return v === "" ? null : Number(v);
 }
 
+// POST `body` to `path` and hand each server-sent event's JSON to `onChunk`, until [DONE].
+async function streamJson(path, body, signal, onChunk) {
+  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
+  if (!response.ok) throw new Error(await errorMessage(response));
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    const events = buffer.split("\n\n");
+    buffer = events.pop(); // an event cut in two waits for its rest
+    for (const e of events) {
+      const data = e.replace(/^data: /, "");
+      if (data === "[DONE]") continue;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      onChunk(chunk);
+    }
+  }
+}
+
 async function generate(event) {
   event.preventDefault();
   const prompt = $("prompt").value;
@@ -141,30 +165,12 @@ async function generate(event) {
   const started = performance.now();
   let chars = 0;
   try {
-    const response = await fetch("/v1/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
-    });
-    if (!response.ok) throw new Error(await errorMessage(response));
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      const events = buffer.split("\n\n");
-      buffer = events.pop(); // an event cut in two waits for its rest
-      for (const e of events) {
-        const data = e.replace(/^data: /, "");
-        if (data === "[DONE]") continue;
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message);
-        for (const c of chunk.choices) {
-          annotate.add(c.text, c.logprobs);
-          chars += c.text.length;
-        }
+    await streamJson("/v1/completions", body, controller.signal, (chunk) => {
+      for (const c of chunk.choices) {
+        annotate.add(c.text, c.logprobs);
+        chars += c.text.length;
       }
-    }
+    });
     const seconds = (performance.now() - started) / 1000;
     setStatus(`${chars} characters in ${seconds.toFixed(1)} s`);
   } catch (err) {
@@ -240,7 +246,94 @@ for (const kind of ["mouseover", "click", "pointerup"]) {
 }
 $("output").addEventListener("pointerleave", (e) => { if (e.pointerType === "mouse") $("tip").hidden = true; });
 
+// --- chat: a run fine-tuned on conversations, through POST /v1/chat/completions ----------------
+
+let chatHistory = []; // the conversation so far, without the system message
+let chatController = null;
+
+function selectTab(name) {
+  for (const tab of ["complete", "chat"]) {
+    $(`tab-${tab}`).setAttribute("aria-selected", String(tab === name));
+    $(`${tab}-panel`).hidden = tab !== name;
+  }
+  history.replaceState(null, "", name === "chat" ? "#chat" : location.pathname + location.search);
+}
+
+function bubble(role, text) {
+  const div = document.createElement("div");
+  div.className = `msg ${role}`;
+  div.textContent = text;
+  $("transcript").appendChild(div);
+  return div;
+}
+
+function setChatStatus(text, isError = false) {
+  $("chat-status").textContent = text;
+  $("chat-status").classList.toggle("error", isError);
+}
+
+async function loadChatTemplate() {
+  const response = await fetch("/tokenizer_info", { headers: headers() });
+  if (!response.ok) return;
+  const ready = Boolean((await response.json()).chat_template);
+  $("chat-note").hidden = ready;
+  $("send").disabled = !ready;
+}
+
+async function sendChat(event) {
+  event.preventDefault();
+  const text = $("chat-input").value.trim();
+  if (!text || chatController) return;
+  $("chat-input").value = "";
+  chatHistory.push({ role: "user", content: text });
+  bubble("user", text);
+  const out = bubble("assistant", "");
+  const system = $("chat-system").value.trim();
+  const body = {
+    messages: (system ? [{ role: "system", content: system }] : []).concat(chatHistory),
+    max_tokens: numberOrNull("chat_max_tokens"),
+    temperature: numberOrNull("chat_temperature"),
+    stream: true,
+  };
+  chatController = new AbortController();
+  $("send").disabled = true;
+  $("chat-stop").disabled = false;
+  setChatStatus("replying…");
+  try {
+    await streamJson("/v1/chat/completions", body, chatController.signal, (chunk) => {
+      for (const c of chunk.choices) out.textContent += c.delta.content || "";
+    });
+    setChatStatus("");
+  } catch (err) {
+    if (err.name === "AbortError") setChatStatus("stopped");
+    else setChatStatus(err.message, true);
+  } finally {
+    chatHistory.push({ role: "assistant", content: out.textContent });
+    chatController = null;
+    $("send").disabled = false;
+    $("chat-stop").disabled = true;
+  }
+}
+
+$("tab-complete").addEventListener("click", () => selectTab("complete"));
+$("tab-chat").addEventListener("click", () => selectTab("chat"));
+$("chat-form").addEventListener("submit", sendChat);
+$("chat-input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) sendChat(e); // Enter sends, Shift+Enter is a new line
+});
+$("chat-stop").addEventListener("click", () => chatController && chatController.abort());
+$("chat-reset").addEventListener("click", () => {
+  chatHistory = [];
+  $("transcript").replaceChildren();
+  setChatStatus("");
+});
+if (location.hash === "#chat") selectTab("chat");
+loadChatTemplate().catch(() => {});
+
 $("form").addEventListener("submit", generate);
 $("stop").addEventListener("click", () => controller && controller.abort());
-$("api_key").addEventListener("change", () => loadCard().catch((err) => setStatus(err.message, true)));
+$("api_key").addEventListener("change", () => {
+  loadCard().catch((err) => setStatus(err.message, true));
+  loadChatTemplate().catch(() => {});
+});
 loadCard().catch((err) => setStatus(err.message, true));
