@@ -395,12 +395,12 @@ def test_the_playground_chat_tab_talks_to_the_model_in_chromium(chat_server, tmp
                 expect(page.locator(".msg.assistant").last).to_have_text(question[::-1], timeout=30_000)
                 expect(page.locator("#send")).to_be_enabled()
             assert page.locator(".msg.user").all_inner_texts() == ["abcd", "hgfe"]
+            page.screenshot(path=str(Path(os.environ.get("TINYGPT_CHAT_SCREENSHOT", tmp_path / "chat.png"))))
             page.click("#chat-reset")
             assert page.locator(".msg").count() == 0
             assert page.evaluate("document.documentElement.scrollWidth") <= 391  # nothing overflows
             page.click("#tab-complete")
             expect(page.locator("#complete-panel")).to_be_visible()
-            page.screenshot(path=str(tmp_path / "chat.png"))
         finally:
             browser.close()
     assert errors == []
