@@ -260,6 +260,13 @@ def test_bad_conversations_are_one_line_naming_the_line(base_run, tmp_path, line
     assert not (tmp_path / "out").exists()
 
 
+def test_auto_is_for_text_and_says_what_conversations_need(tmp_path):
+    reversal_chats(tmp_path / "c.jsonl", 20, seed=1)
+    r = cli("train", "--data", tmp_path / "c.jsonl", "--preset", "auto", "--out", tmp_path / "out")
+    assert_one_line_error(r, "--preset auto sizes a model for text", "--init-from RUN")
+    assert not (tmp_path / "out").exists()
+
+
 def test_characters_the_base_lacks_follow_the_grow_vocab_rule(base_run, tmp_path):
     data = tmp_path / "c.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "xyz"},

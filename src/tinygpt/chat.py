@@ -179,8 +179,7 @@ def fit(messages: list[dict], tokenizer, length: int) -> tuple[list[int], list[b
     its last exchange does not fit or what fits has nothing to learn."""
     ids = chat_ids(tokenizer)
     pieces = [_message(m, tokenizer, ids) for m in messages]
-    system = 1 if messages[0]["role"] == "system" else 0
-    cuts = [system] + [i for i in range(system + 1, len(messages)) if messages[i]["role"] == "user"]
+    system, cuts = _cuts(messages)
     head = sum(len(p[0]) for p in pieces[:system])
     for n_cut, start in enumerate(cuts):
         if head + sum(len(p[0]) for p in pieces[start:]) <= length:
@@ -197,15 +196,21 @@ def prompt_ids(messages: list[dict], tokenizer, room: int) -> list[int]:
     (cut from its start if it alone is too long)."""
     ids = chat_ids(tokenizer)
     pieces = [_message(m, tokenizer, ids)[0] for m in messages]
-    system = 1 if messages and messages[0]["role"] == "system" else 0
+    system, cuts = _cuts(messages)
     head = [t for p in pieces[:system] for t in p]
-    cuts = [system] + [i for i in range(system + 1, len(messages)) if messages[i]["role"] == "user"]
     for start in cuts:
         body = head + [t for p in pieces[start:] for t in p] + [ids["assistant"]]
         if len(body) <= room:
             return body
     last = [t for p in pieces[-1:] for t in p] + [ids["assistant"]]
-    return (head + last)[-room:] if len(head) + len(last) <= room else last[-room:]
+    return head + last if len(head) + len(last) <= room else last[-room:]
+
+
+def _cuts(messages: list[dict]) -> tuple[int, list[int]]:
+    """(1 if a system message leads, else 0; where the conversation may start once its oldest
+    exchanges are cut: after the system message, or at a later user message)."""
+    system = 1 if messages and messages[0]["role"] == "system" else 0
+    return system, [system] + [i for i in range(system + 1, len(messages)) if messages[i]["role"] == "user"]
 
 
 # --- the rows -------------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ def settings_from_flags(flags: dict, note=lambda line: None) -> tuple[C.ModelCon
     elif flags.get("preset") == "auto":
         from tinygpt.sizing import auto_settings
 
+        if is_chat_data(C.build(C.TrainConfig, _given(flags))):
+            raise UserError("--preset auto sizes a model for text; conversations fine-tune a run you have: "
+                            "tinygpt train --init-from RUN --data CHATS.jsonl (or --data-format text to read them "
+                            "as documents)")
         planned = auto_settings(_given(flags), note)
         # The plan's --max-time is what is left of the budget once planned: the command keeps to it.
         return C.resolve_train_settings({**flags, "max_time": planned["max_time"]}, planned=planned)

@@ -32,12 +32,13 @@ from tinygpt.errors import UserError
 DEFAULT_MAX_TIME = 600.0
 # A shape must see this many tokens a parameter in the time... benchmarks/auto_size.py at 120 s, a
 # 2-core Xeon: on Tiny Shakespeare 2x4x128 (16 a parameter) won and 3x4x192 (2.1) lost by 0.04;
-# on 20 MB of Python 3x4x192 (2.1) won and 2x4x128 (11.7) came within 0.022; at 600 s on the
-# Python 3x4x192 (14) beat 4x4x256 (2.5). Between them.
+# on 20 MB of Python 3x4x192 (2.1) won and 2x4x128 (11.7) came within 0.022. Between the two.
 TOKENS_PER_PARAM = 6.0
-# ... or pass over the text this many times: on Tiny Shakespeare at 600 s 4x4x256 (2 tokens a
-# parameter, 6.5 passes) beat 3x4x192 (12 passes); on the 97k-token licenses at 120 s 4x4x256
-# (17 passes) beat 2x4x128 by 0.02; at 120 s on Tiny Shakespeare 3x4x192's 3.2 passes lost.
+# ... or pass over the text this many times: on Tiny Shakespeare at 600 s 4x4x256 (2.6 tokens a
+# parameter, 8.3 passes) beat 3x4x192 (15 passes) by 0.010; on the 97k-token licenses at 120 s
+# 4x4x256 (15 passes) beat every smaller shape; at 120 s on Tiny Shakespeare 3x4x192's 3.2
+# passes lost. (On Python at 600 s, 1 pass: 3x4x192 at 12 tokens a parameter, auto's choice, and
+# 4x4x256 at 3.1 came within 0.003 of each other.)
 REPEAT_PASSES = 5.0
 # The licenses corpus (97k train tokens) was learned best by the 3.2M-parameter 4x4x256 (33 a
 # token); nanoGPT's Shakespeare model has 10.7 on 1.0M tokens.
