@@ -195,7 +195,7 @@ def tokenizer_and_tokens(cfg: C.TrainConfig, dist, note) -> tuple:
     from tinygpt.corpus import Layout, prepare, read_tokenizer, scan
     from tinygpt.data import find_corpus
     from tinygpt.documents import open_source
-    from tinygpt.tokenizer import CharTokenizer, load_tokenizer, tokenizer_from_json
+    from tinygpt.tokenizer import CharTokenizer, tokenizer_from_json
 
     layout = Layout.of(cfg)
     if cfg.resume:
@@ -206,13 +206,7 @@ def tokenizer_and_tokens(cfg: C.TrainConfig, dist, note) -> tuple:
         return tokenizer, data_path, _token_file(dist, data_path, tokenizer, note, layout), meta
     data_path = find_corpus(cfg.data)
     if cfg.init_from:
-        if hf_source(cfg.init_from):
-            from tinygpt.hf import read_gpt2_tokenizer
-
-            tokenizer = read_gpt2_tokenizer(hf_source(cfg.init_from))
-        else:
-            ckpt.read_run_meta(Path(cfg.init_from))
-            tokenizer = load_tokenizer(Path(cfg.init_from) / "tokenizer.json")
+        tokenizer = base_tokenizer(cfg.init_from)
         found = dist.on_main(scan, open_source(data_path, cfg.text_field))
         if cfg.grow_vocab and isinstance(tokenizer, CharTokenizer) and found.documents > 1:
             tokenizer = tokenizer.with_eot()  # documents get their end-of-document token (a new last id)
@@ -222,6 +216,18 @@ def tokenizer_and_tokens(cfg: C.TrainConfig, dist, note) -> tuple:
     # Rank 0's tokenizer, sent to all: on another machine its token file may not exist.
     tokenizer = tokenizer_from_json(dist.on_main(lambda: read_tokenizer(tokens).to_json()))
     return tokenizer, data_path, tokens if dist.is_main else prepare(data_path, tokenizer, layout=layout), None
+
+
+def base_tokenizer(init_from: str):
+    """The tokenizer of what --init-from names: a run's, or a GPT-2-family directory's (hf:DIR)."""
+    if hf_dir := hf_source(init_from):
+        from tinygpt.hf import read_gpt2_tokenizer
+
+        return read_gpt2_tokenizer(hf_dir)
+    from tinygpt.tokenizer import load_tokenizer
+
+    ckpt.read_run_meta(Path(init_from))
+    return load_tokenizer(Path(init_from) / "tokenizer.json")
 
 
 def grown(tokenizer, alphabet: str, cfg: C.TrainConfig, data_path):
@@ -255,7 +261,7 @@ def chat_data(cfg: C.TrainConfig) -> tuple:
     run.json or None) of a run on conversations (`tinygpt.chat`)."""
     from tinygpt.chat import alphabet, contents, read_conversations, with_chat
     from tinygpt.data import find_corpus
-    from tinygpt.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+    from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
     if cfg.resume:
         meta = ckpt.read_run_meta(Path(cfg.resume))
@@ -265,14 +271,7 @@ def chat_data(cfg: C.TrainConfig) -> tuple:
     data_path = find_corpus(cfg.data)
     conversations = read_conversations(data_path)
     if cfg.init_from:
-        if hf_source(cfg.init_from):
-            from tinygpt.hf import read_gpt2_tokenizer
-
-            tokenizer = read_gpt2_tokenizer(hf_source(cfg.init_from))
-        else:
-            ckpt.read_run_meta(Path(cfg.init_from))
-            tokenizer = load_tokenizer(Path(cfg.init_from) / "tokenizer.json")
-        tokenizer = grown(tokenizer, alphabet(conversations), cfg, data_path)
+        tokenizer = grown(base_tokenizer(cfg.init_from), alphabet(conversations), cfg, data_path)
     elif cfg.tokenizer == "char":
         tokenizer = CharTokenizer.train(alphabet(conversations))
     else:
