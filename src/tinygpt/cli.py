@@ -271,18 +271,25 @@ def print_sample(result, cfg: C.TrainConfig) -> None:
     print(result.tokenizer.decode(ids)[: cfg.sample_chars])  # BPE tokens spell >= 1 character each
 
 
-def cmd_sample(args) -> int:
-    import torch
-
+def sampling_setup(args) -> tuple:
+    """(SampleConfig, device, inference dtype, model, tokenizer) of `sample` and `chat`."""
     from tinygpt.checkpoint import load_run
-    from tinygpt.runtime import autocast, inference_dtype, prefill_dtype, resolve_device
-    from tinygpt.sampling import generate_stream
+    from tinygpt.runtime import inference_dtype, resolve_device
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(C.SampleConfig) if hasattr(args, f.name)}
     cfg = C.build(C.SampleConfig, given)
     device = resolve_device(getattr(args, "device", "auto"))
-    dtype = inference_dtype(getattr(args, "dtype", "auto"), device)
     model, tokenizer = load_run(args.ckpt, args.which, device)
+    return cfg, device, inference_dtype(getattr(args, "dtype", "auto"), device), model, tokenizer
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from tinygpt.runtime import autocast, prefill_dtype
+    from tinygpt.sampling import generate_stream
+
+    cfg, device, dtype, model, tokenizer = sampling_setup(args)
     prompt = cfg.prompt
     unknown = tokenizer.unknown(prompt)
     if unknown and cfg.drop_unknown:
@@ -336,14 +343,9 @@ def cmd_chat(args) -> int:
     import torch
 
     from tinygpt.chat import chat_ids, reply
-    from tinygpt.checkpoint import load_run
-    from tinygpt.runtime import autocast, inference_dtype, resolve_device
+    from tinygpt.runtime import autocast
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(C.SampleConfig) if hasattr(args, f.name)}
-    cfg = C.build(C.SampleConfig, given)
-    device = resolve_device(getattr(args, "device", "auto"))
-    dtype = inference_dtype(getattr(args, "dtype", "auto"), device)
-    model, tokenizer = load_run(args.ckpt, args.which, device)
+    cfg, device, dtype, model, tokenizer = sampling_setup(args)
     chat_ids(tokenizer)  # a run without the template is refused here, in one line
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     interactive = sys.stdin.isatty()

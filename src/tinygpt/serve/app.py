@@ -431,27 +431,35 @@ def _server_error(message: str, status: int = 500) -> dict:
     return ApiError(status, message, None, kind, kind).body()
 
 
-async def stream(worker: Worker, seqs: list[Sequence], head: dict, choices: list[Choice], prompt_tokens: int,
-                 include_usage: bool):
+def sse(body: dict) -> str:
+    """One server-sent event carrying `body` as JSON."""
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def stream(worker: Worker, seqs: list[Sequence], head: dict, choices: list[Choice], prompt_tokens: int,
+           include_usage: bool):
     """Server-sent events in OpenAI's chunk format: one chunk per piece of text, then [DONE]."""
+    first = "".join(  # the echoed prompt (or, with max_tokens 0, the whole answer)
+        sse({**head, "choices": [_choice(c.index, c.text, None if seqs else "length", c.logprobs(c.prompt_entries))]})
+        for c in choices if c.text or c.prompt_entries or not seqs)
+    chunk = lambda e: _choice(e.index, e.text, e.finish, choices[e.index].logprobs(e.logprobs))
+    return events_as_sse(worker, seqs, head, prompt_tokens, include_usage, chunk, first)
 
-    def sse(body: dict) -> str:
-        return f"data: {json.dumps(body)}\n\n"
 
+async def events_as_sse(worker: Worker, seqs: list[Sequence], head: dict, prompt_tokens: int, include_usage: bool,
+                        chunk, first: str = ""):
+    """The worker's events for `seqs` as server-sent events: `first`, then a chunk (`chunk(event)`,
+    a choice) per event until every choice has finished, the usage if asked, then [DONE]."""
     try:
-        for c in choices:  # the echoed prompt (or, with max_tokens 0, the whole answer)
-            if c.text or c.prompt_entries or not seqs:
-                yield sse({**head, "choices": [_choice(c.index, c.text, None if seqs else "length",
-                                                       c.logprobs(c.prompt_entries))]})
+        if first:
+            yield first
         remaining, completion_tokens = len(seqs), 0
         while remaining:
             events = await take_all(seqs[0].queue)
             if any(e.error for e in events):
                 yield sse(_server_error(next(e.error for e in events if e.error)))
                 return
-            yield "".join(sse({**head, "choices": [_choice(e.index, e.text, e.finish,
-                                                           choices[e.index].logprobs(e.logprobs))]})
-                          for e in events)
+            yield "".join(sse({**head, "choices": [chunk(e)]}) for e in events)
             for e in events:
                 if e.finish:
                     remaining -= 1
@@ -526,37 +534,16 @@ async def collect(request: Request, worker: Worker, seqs: list[Sequence], head: 
     return JSONResponse({**head, "choices": out, "usage": _usage(prompt_tokens, completion_tokens)})
 
 
-async def chat_stream(worker: Worker, seqs: list[Sequence], head: dict, tokenizer, prompt_tokens: int,
-                      include_usage: bool):
+def chat_stream(worker: Worker, seqs: list[Sequence], head: dict, tokenizer, prompt_tokens: int,
+                include_usage: bool):
     """Server-sent events in OpenAI's chat chunk format: a first chunk with the role, then one
     `delta` of content per piece of text, the finish reason in each choice's last, then [DONE]."""
     head = {**head, "object": "chat.completion.chunk"}
-
-    def sse(body: dict) -> str:
-        return f"data: {json.dumps(body)}\n\n"
-
-    try:
-        yield "".join(sse({**head, "choices": [{"index": s.index, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]}) for s in seqs)
-        remaining, completion_tokens = len(seqs), 0
-        while remaining:
-            events = await take_all(seqs[0].queue)
-            if any(e.error for e in events):
-                yield sse(_server_error(next(e.error for e in events if e.error)))
-                return
-            yield "".join(sse({**head, "choices": [{
-                "index": e.index, "delta": {"content": e.text},
-                "logprobs": chat_logprobs(tokenizer, e.logprobs) if e.logprobs is not None else None,
-                "finish_reason": e.finish}]}) for e in events)
-            for e in events:
-                if e.finish:
-                    remaining -= 1
-                    completion_tokens += e.tokens
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-        yield "data: [DONE]\n\n"
-    finally:
-        worker.cancel(seqs)
+    first = "".join(sse({**head, "choices": [{"index": s.index, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": None, "finish_reason": None}]}) for s in seqs)
+    chunk = lambda e: {"index": e.index, "delta": {"content": e.text}, "finish_reason": e.finish,
+                       "logprobs": chat_logprobs(tokenizer, e.logprobs) if e.logprobs is not None else None}
+    return events_as_sse(worker, seqs, head, prompt_tokens, include_usage, chunk, first)
 
 
 def chat_logprobs(tokenizer, entries: list) -> dict:
