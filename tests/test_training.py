@@ -27,6 +27,7 @@ from tinygpt.data import split
 from tinygpt.evaluate import evaluate_split
 from tinygpt.progress import Progress
 from tinygpt.runs import read_metrics
+from tinygpt.sampling import sample_text
 from tinygpt.train import train
 
 QUIET = dict(log=lambda *_: None)
@@ -144,6 +145,28 @@ def test_metrics_and_checkpoints_written(tiny_text_file, tmp_path):
     latest = json.loads((result.run_dir / "latest.json").read_text())
     assert latest == {"checkpoint": "checkpoints/step_000040", "step": 40}
     assert (result.run_dir / latest["checkpoint"] / "model.safetensors").is_file()
+
+
+def test_report_samples_show_the_model_learning_without_changing_the_run(tiny_text_file, tmp_path):
+    """--report-sample-chars: a sample at every report, in metrics.jsonl, that the model at that
+    step writes (the last one equals a sample from the saved checkpoint); the losses and weights
+    are those of the same run without samples, bit for bit."""
+    plain = train(*tiny_configs(tiny_text_file, tmp_path / "plain", max_iters=200, eval_interval=100, dropout=0.1),
+                  **QUIET)
+    m, t = tiny_configs(tiny_text_file, tmp_path / "sampled", max_iters=200, eval_interval=100, dropout=0.1,
+                        report_sample_chars=80)
+    sampled = train(m, t, **QUIET)
+    rows, plain_rows = read_metrics(sampled.run_dir), read_metrics(plain.run_dir)
+    assert [r["val_loss"] for r in rows] == [r["val_loss"] for r in plain_rows]
+    assert all("sample" not in r for r in plain_rows)
+    assert [len(r["sample"]) for r in rows] == [80] * 3
+    model, tokenizer = load_run(sampled.run_dir, "latest")
+    assert rows[-1]["sample"] == sample_text(model, tokenizer, 80, t.seed, torch.device("cpu"), torch.float32)
+    # what it wrote at step 0 is noise; at step 200 mostly the tiny text's words
+    words = set(TINY_TEXT.split())
+    known = [sum(w in words for w in r["sample"].split()) / max(1, len(r["sample"].split()))
+             for r in (rows[0], rows[-1])]
+    assert known[0] < 0.1 and known[1] > 0.5, known
 
 
 def test_run_records_config_command_and_versions(tiny_text_file, tmp_path):

@@ -257,18 +257,11 @@ def cmd_train(args) -> int:
 
 def print_sample(result, cfg: C.TrainConfig) -> None:
     """The lecture's ending: `sample_chars` characters from token 0, from the reported model."""
-    import torch
+    from tinygpt.runtime import inference_dtype
+    from tinygpt.sampling import sample_text
 
-    from tinygpt.runtime import autocast, inference_dtype
-    from tinygpt.sampling import generate_stream
-
-    device = result.device
-    model = result.model.eval()
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)  # token 0, as the lecture
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    with autocast(device, inference_dtype(cfg.dtype, device)):
-        ids = [int(t) for t in generate_stream(model, prompt, cfg.sample_chars, generator=gen)]
-    print(result.tokenizer.decode(ids)[: cfg.sample_chars])  # BPE tokens spell >= 1 character each
+    print(sample_text(result.model, result.tokenizer, cfg.sample_chars, cfg.seed, result.device,
+                      inference_dtype(cfg.dtype, result.device)))
 
 
 def sampling_setup(args) -> tuple:

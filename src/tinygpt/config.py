@@ -162,6 +162,9 @@ class TrainConfig:
         "machine; OMP_NUM_THREADS, when set, wins), or a number"
     )
     sample_chars: int = setting(500, "characters to generate and print at the end (0 = none)", ge=0)
+    report_sample_chars: int = setting(
+        0, "characters to generate at every loss report, from token 0 with the same seed each time, written to "
+        "metrics.jsonl with the report (the studio pins them to the curve; 0 = none)", ge=0)
     plot: bool = setting(True, "draw RUN/loss.png at the end of the run")
     quiet: bool = setting(False, "print only the loss reports, no progress bar")
 

@@ -26,8 +26,8 @@ from tinygpt import resources
 from tinygpt.errors import UserError
 
 # Settings that may differ when a run is resumed; any other flag must match the saved run.
-RESUMABLE_OVERRIDES = {"max_iters", "max_time", "eval_interval", "quiet", "sample_chars", "plot", "device",
-                       "final_eval", "resume", "data", "out", "overwrite", "early_stop", "threads",
+RESUMABLE_OVERRIDES = {"max_iters", "max_time", "eval_interval", "quiet", "sample_chars", "report_sample_chars",
+                       "plot", "device", "final_eval", "resume", "data", "out", "overwrite", "early_stop", "threads",
                        "batch_size", "grad_accum"}
 # What a fine-tuning run may change about the model it starts from; the rest is its architecture.
 FINETUNE_OVERRIDES = {"dropout", "attn_dropout", "attention"}
@@ -360,7 +360,7 @@ def write_json_line(path: Path, record: dict) -> None:
 def append_report(path: Path, step: int, losses: dict, lr: float, tokens_per_sec: float | None,
                   train_seconds: float, chars_per_token: dict, extra: dict | None = None) -> None:
     """One loss report, in nats per token and bits per character (`extra`: a float16 run's loss
-    scale and skipped steps)."""
+    scale and skipped steps; the sample written at the report)."""
     write_json_line(path, {
         "step": step,
         "train_loss": losses["train"],

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from tinygpt.config import check_sampling
 from tinygpt.engine import DecodeEngine, slide
+from tinygpt.runtime import autocast
 
 
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = None,
@@ -71,3 +72,20 @@ def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
             idx = torch.tensor([slide(row, t, block, window) for row, t in zip(idx.tolist(), next_id[:, 0].tolist())],
                                device=idx.device)
             logits = model(idx)[0][:, -1]
+
+
+def sample_text(model, tokenizer, n_chars: int, seed: int, device: torch.device, dtype: torch.dtype) -> str:
+    """`n_chars` characters from token 0 (the lecture's start), sampled with its own generator
+    seeded `seed`: the same text for the same weights, and no draw from the global random state
+    (a run's batches and dropout go on as if nothing was sampled). The model is put back in the
+    mode it was in."""
+    was_training = model.training
+    model.eval()
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    try:
+        with autocast(device, dtype):
+            ids = [int(t) for t in generate_stream(model, prompt, n_chars, generator=gen)]
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(ids)[:n_chars]  # BPE tokens spell >= 1 character each

@@ -33,6 +33,7 @@ from tinygpt.model import build_model
 from tinygpt.optim import clip_grad_norm, fit_horizon, lr_at, make_optimizer, set_lr
 from tinygpt.progress import Progress, time_probe
 from tinygpt.runtime import autocast, grad_scaler, resolve_attention, resolve_device, resolve_dtype, resolve_threads
+from tinygpt.sampling import sample_text
 from tinygpt.stopping import Interrupted, SignalStop, Stopped, let_signals_in, random_state
 
 __all__ = ["train", "TrainResult", "Stopped", "DivergedError"]
@@ -119,6 +120,9 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
         if not all(map(math.isfinite, losses.values())):  # never save weights that broke
             raise _diverged(f"step {step}: train loss {losses['train']:.4g}, val loss {losses['val']:.4g}", cfg,
                             run_dir)
+        # What the model writes now, kept with the report: off the training clock, own generator
+        sample = sample_text(model, s.tokenizer, cfg.report_sample_chars, cfg.seed, device, dtype) \
+            if cfg.report_sample_chars else None
         with stop.deferred():  # a report, its metrics line and its checkpoint go together
             result.losses, is_best = losses, losses["val"] < state.best_val
             if is_best:
@@ -126,11 +130,13 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
             else:
                 state.stale_reports += 1
             tok_s = tokens_per_step * (step - start_step) / state.train_seconds if state.train_seconds else None
-            fp16 = {"loss_scale": scaler.get_scale(), "skipped_steps": state.skipped_steps} if scaler.is_enabled() \
-                else None
+            extra = {"loss_scale": scaler.get_scale(), "skipped_steps": state.skipped_steps} if scaler.is_enabled() \
+                else {}
+            if sample:
+                extra["sample"] = sample
             runs.append_report(run_dir / "metrics.jsonl", step, losses, lr_at(step, cfg, state.horizon), tok_s,
                                state.train_seconds,
-                               s.corpus.chars_per_token(), fp16)
+                               s.corpus.chars_per_token(), extra)
             save(is_best)
 
     if dist.world == 1:  # a signal handler needs Python to run: let it in during backward passes too

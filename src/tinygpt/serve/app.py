@@ -53,6 +53,7 @@ from tinygpt.serve.api import (
     parse_chat_request,
     parse_completion_request,
 )
+from tinygpt.serve.guard import LOOPBACK_NAMES, Guard
 from tinygpt.serve.worker import Busy, Event, Sequence, Worker
 from tinygpt.tokenizer import END_OF_DOCUMENT
 
@@ -71,8 +72,10 @@ class Served:
     dtype: torch.dtype
 
 
-def create_app(served: Served, api_key: str | None = None, max_batch: int = 16, window: str = "full") -> FastAPI:
-    """The FastAPI app for `served`; its lifespan starts and stops the generation worker."""
+def create_app(served: Served, api_key: str | None = None, max_batch: int = 16, window: str = "full",
+               hosts: frozenset[str] | None = LOOPBACK_NAMES) -> FastAPI:
+    """The FastAPI app for `served`; its lifespan starts and stops the generation worker. `hosts`:
+    the Host names it answers to (None: any), see guard.py."""
     worker = Worker(served.model, served.tokenizer.decode, max_batch, served.device, served.dtype)
     model_id = served.card["id"]
 
@@ -84,6 +87,7 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16, 
 
     app = FastAPI(title="tinygpt serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker = worker
+    app.add_middleware(Guard, hosts=hosts)  # other web pages and DNS rebinding kept out
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     async def check_key(request: Request) -> None:

@@ -1,6 +1,5 @@
 """Start `tinygpt serve`: load the run (refusing a damaged one), bind the port, run uvicorn."""
 
-import ipaddress
 import socket
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from tinygpt.checkpoint import checkpoint_dir, load_run, which_checkpoint
 from tinygpt.errors import UserError
 from tinygpt.runs import read_metrics
 from tinygpt.runtime import inference_dtype, resolve_device
+from tinygpt.serve.guard import allowed_hosts, is_loopback
 
 
 def serve(ckpt: str, which: str = "best", host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
@@ -24,7 +24,7 @@ def serve(ckpt: str, which: str = "best", host: str = "127.0.0.1", port: int = 8
     # The generation thread and the event loop hand the GIL back and forth every step; at
     # Python's default 5 ms switch interval each hand-off could wait that long.
     sys.setswitchinterval(1e-4)
-    if not api_key and not _is_loopback(host):
+    if not api_key and not is_loopback(host):
         sys.stderr.write(f"tinygpt serve: warning: listening on {host} without --api-key: anyone who can reach "
                          "this machine can use the model; add --api-key KEY\n")
     served = load_served(ckpt, which, device, dtype)
@@ -33,7 +33,7 @@ def serve(ckpt: str, which: str = "best", host: str = "127.0.0.1", port: int = 8
     url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
     print(f"serving {card['id']} ({card['checkpoint']} checkpoint, step {card['step']}, "
           f"{card['parameters']:,} parameters) on {served.device}: playground {url}/ API {url}/v1", flush=True)
-    app = create_app(served, api_key, max_batch, window)
+    app = create_app(served, api_key, max_batch, window, allowed_hosts(host))
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
@@ -91,13 +91,6 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
     return sock
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: reachable from outside unless proven otherwise
-        return False
 
 
 def _step_of(ckpt: Path) -> int | None:

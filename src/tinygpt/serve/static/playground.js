@@ -97,9 +97,9 @@ async function errorMessage(response) {
 }
 
 async function loadCard() {
-  const health = await (await fetch("/health")).json();
+  const health = await (await fetch("health")).json();
   $("key-label").hidden = !health.auth;
-  const response = await fetch("/v1/models", { headers: headers() });
+  const response = await fetch("v1/models", { headers: headers() });
   if (!response.ok) {
     setStatus(await errorMessage(response), true);
     return;
@@ -165,7 +165,7 @@ async function generate(event) {
   const started = performance.now();
   let chars = 0;
   try {
-    await streamJson("/v1/completions", body, controller.signal, (chunk) => {
+    await streamJson("v1/completions", body, controller.signal, (chunk) => {
       for (const c of chunk.choices) {
         annotate.add(c.text, c.logprobs);
         chars += c.text.length;
@@ -192,7 +192,7 @@ async function inspect() {
   // least one token, so a BPE model gets no more than its block either).
   const text = $("output").textContent.slice(-blockSize);
   $("inspect-status").textContent = "inspecting…";
-  const response = await fetch("/v1/inspect", { method: "POST", headers: headers(),
+  const response = await fetch("v1/inspect", { method: "POST", headers: headers(),
     body: JSON.stringify({ text, top: TOP }) });
   if (!response.ok) throw new Error(await errorMessage(response));
   inspected = await response.json();
@@ -273,7 +273,7 @@ function setChatStatus(text, isError = false) {
 }
 
 async function loadChatTemplate() {
-  const response = await fetch("/tokenizer_info", { headers: headers() });
+  const response = await fetch("tokenizer_info", { headers: headers() });
   if (!response.ok) return;
   const ready = Boolean((await response.json()).chat_template);
   $("chat-note").hidden = ready;
@@ -300,7 +300,7 @@ async function sendChat(event) {
   $("chat-stop").disabled = false;
   setChatStatus("replying…");
   try {
-    await streamJson("/v1/chat/completions", body, chatController.signal, (chunk) => {
+    await streamJson("v1/chat/completions", body, chatController.signal, (chunk) => {
       for (const c of chunk.choices) out.textContent += c.delta.content || "";
     });
     setChatStatus("");
