@@ -379,7 +379,7 @@ def test_schemathesis_finds_no_server_error_on_the_chat_endpoint(chat_server, tm
 
 
 def test_the_playground_chat_tab_talks_to_the_model_in_chromium(chat_server, tmp_path):
-    from test_serve import CHROMIUM, CHROMIUM_ARGS
+    from conftest import CHROMIUM, CHROMIUM_ARGS
 
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM} (.ci/run installs it)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import TINY_TEXT, cli, serving, tiny_configs
+from conftest import CHROMIUM, CHROMIUM_ARGS, TINY_TEXT, cli, needs_chromium, serving, tiny_configs
 
 from tinygpt.checkpoint import checkpoint_dir, load_run
 from tinygpt.cli import main
@@ -27,9 +27,8 @@ from tinygpt.serve.server import load_served
 from tinygpt.serve.worker import Event, TextStream
 from tinygpt.train import train
 
-CHROMIUM = os.environ.get("TINYGPT_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+LOCAL = "http://127.0.0.1"  # TestClient's own "testserver" is not a name the server answers to
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +175,7 @@ def test_bigram_run_is_served_too(tmp_path):
     data = tmp_path / "tiny.txt"
     data.write_text(TINY_TEXT, encoding="utf-8")
     train(*tiny_configs(data, tmp_path / "bigram", model="bigram", max_iters=20), log=lambda *a, **k: None)
-    with TestClient(create_app(load_served(str(tmp_path / "bigram"), "best", "cpu"))) as client:
+    with TestClient(create_app(load_served(str(tmp_path / "bigram"), "best", "cpu")), base_url=LOCAL) as client:
         r = client.post("/v1/completions", json={"prompt": "All:", "max_tokens": 30, "seed": 5})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected(load_run(tmp_path / "bigram", "best"), "All:", 30, 5, 1.0)
@@ -200,7 +199,7 @@ def test_a_failing_step_is_a_500_in_error_shape_and_serving_goes_on(run_dir):
     app = create_app(load_served(str(run_dir), "best", "cpu"))
     engine = app.state.worker.engine
     step = engine.step
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         engine.step = lambda tokens: 1 / 0
         r = client.post("/v1/completions", json={"prompt": "All:", "max_tokens": 5})
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
@@ -224,7 +223,7 @@ def test_out_of_memory_is_a_503_and_serving_goes_on(run_dir):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 51539607552 bytes. Error code 12 (Cannot allocate memory)")
 
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         engine.step = out_of_memory
         r = client.post("/v1/completions", json={"prompt": "All:", "max_tokens": 5, "n": 2})
         assert r.status_code == 503, r.text
@@ -239,7 +238,7 @@ def test_out_of_memory_is_a_503_and_serving_goes_on(run_dir):
 # --- 2. a real browser --------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no chromium at {CHROMIUM} (.ci/run installs it)")
+@needs_chromium
 def test_playground_streams_in_chromium(server, loaded, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -281,6 +280,7 @@ def test_playground_streams_in_chromium(server, loaded, tmp_path):
     assert errors == []
 
 
+@needs_chromium
 def test_playground_shows_probabilities_and_attention_in_chromium(server, loaded, tmp_path):
     """The generated text coloured by probability, a tooltip whose numbers are the API's, and the
     attention of every layer and head, on a desktop and on a phone-sized screen."""
@@ -426,12 +426,45 @@ BAD = [
 @pytest.mark.parametrize("body,status,param,code,words", BAD, ids=[f"{b[3]}-{i}" for i, b in enumerate(BAD)])
 def test_bad_input_is_a_4xx_in_openai_error_shape(server, body, status, param, code, words):
     content = body if isinstance(body, bytes) else json.dumps({"prompt": "All:", **body}).encode()
-    r = httpx.post(server.url + "/v1/completions", content=content, timeout=30)
+    r = httpx.post(server.url + "/v1/completions", content=content, headers=JSON, timeout=30)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
     assert words in error["message"] and "\n" not in error["message"]
+
+
+# What other web pages and DNS rebinding could send (issue 27): refused before the model runs.
+GUARDED = [
+    # (headers, content, status, code)
+    ({"Content-Type": "text/plain"}, b'{"prompt": "ROMEO:", "max_tokens": 20}', 415, "unsupported_media_type"),
+    ({"Content-Type": "application/x-www-form-urlencoded"}, b'{"prompt": "ROMEO:"}', 415, "unsupported_media_type"),
+    ({}, b'{"prompt": "ROMEO:"}', 415, "unsupported_media_type"),  # curl -d without a header
+    ({**JSON, "Host": "evil.example"}, b'{"prompt": "ROMEO:"}', 400, "bad_host"),
+    ({**JSON, "Host": "evil.example:8000", "Origin": "http://evil.example:8000"}, b"{}", 400, "bad_host"),
+    ({**JSON, "Origin": "http://evil.example"}, b'{"prompt": "ROMEO:"}', 403, "cross_origin"),
+    ({**JSON, "Origin": "null"}, b'{"prompt": "ROMEO:"}', 403, "cross_origin"),
+    ({**JSON, "Sec-Fetch-Site": "cross-site"}, b'{"prompt": "ROMEO:"}', 403, "cross_site"),
+]
+
+
+@pytest.mark.parametrize("headers,content,status,code", GUARDED, ids=[g[3] + f"-{i}" for i, g in enumerate(GUARDED)])
+def test_other_web_pages_cannot_use_the_server(server, headers, content, status, code):
+    r = httpx.post(server.url + "/v1/completions", content=content, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", code) and "\n" not in error["message"]
+
+
+def test_the_server_s_own_pages_and_json_clients_get_in(server):
+    """Same origin (the playground), curl with JSON, no Origin at all (scripts): all answered."""
+    body = {"prompt": "All:", "max_tokens": 2}
+    port = server.url.rsplit(":", 1)[1]
+    for headers in ({"Origin": server.url}, {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"},
+                    {"Sec-Fetch-Site": "same-origin"}, {}):
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == 200, (headers, r.text)
+    assert httpx.get(server.url + "/health", headers={"Host": "evil.example"}).status_code == 400
 
 
 def test_unknown_paths_and_methods_answer_in_error_shape(server):
