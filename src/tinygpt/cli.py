@@ -1,4 +1,4 @@
-"""The `tinygpt` command: train, sample, chat, eval, prepare, serve, runs, export, bench, plot, presets.
+"""The `tinygpt` command: train, sample, chat, eval, prepare, serve, studio, runs, export, bench, plot, presets.
 
 Flags are generated from the config dataclasses, so `--help` always shows every setting with its
 default and meaning. Errors the user can fix print one line and exit with status 2. Nothing
@@ -138,6 +138,27 @@ def build_parser(script: str | None = None) -> argparse.ArgumentParser:
     add_fields(p, C.SampleConfig, only={"window"})
     add_fields(p, C.TrainConfig, only={"device", "dtype"})
 
+    p = sub.add_parser("studio", help="the whole loop in a browser: bring text, train, watch, compare, sample, inspect",
+                       description="Serve the studio: one page to paste or upload a text, train models on it (a "
+                       "supervised tinygpt train, one at a time), watch the loss and samples live, stop, resume, "
+                       "compare runs, and open any run in the playground. It prints a URL with a secret token; "
+                       "no other web page or machine can use it.")
+    p.add_argument("--runs", default="runs", metavar="DIR", help="directory of runs; the CLI's runs show up too "
+                   "(default: 'runs')")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; off loopback, --token is required "
+                   "(default: '127.0.0.1')")
+    p.add_argument("--port", type=int, default=8500, help="port to listen on; 0 picks a free one (default: 8500)")
+    p.add_argument("--open", action=argparse.BooleanOptionalAction, default=None,
+                   help="open the page in a browser (default: when run from a terminal)")
+    p.add_argument("--token", default=os.environ.get("TINYGPT_STUDIO_TOKEN"), metavar="TOKEN",
+                   help="the secret the URL carries (default: a new one each launch; TINYGPT_STUDIO_TOKEN sets it)")
+    p.add_argument("--max-upload-mb", type=float, default=100.0, help="largest text accepted (default: 100)")
+    p.add_argument("--max-params", type=int, default=50_000_000, help="largest model a job may train "
+                   "(default: 50000000)")
+    p.add_argument("--max-steps", type=int, default=1_000_000, help="most steps a job may ask for (default: 1000000)")
+    p.add_argument("--max-time", type=float, default=86400.0, help="longest a job may train, in seconds "
+                   "(default: 86400)")
+
     p = sub.add_parser("prepare", help="encode a corpus once into a token file that runs memory-map",
                        description="Encode the text once into a file of token ids (in $TINYGPT_CACHE_DIR, "
                        "default DATA_DIR/encoded) that train and eval memory-map. train does this on first "
@@ -211,8 +232,8 @@ def main(argv: list[str] | None = None, script: str | None = None) -> int:
         print(f"tinygpt {version()}")
         return 0
     if not args.command:
-        parser.error("choose a command: train, sample, chat, eval, prepare, serve, runs, export, bench, plot or "
-                     "presets")
+        parser.error("choose a command: train, sample, chat, eval, prepare, serve, studio, runs, export, bench, "
+                     "plot or presets")
     try:
         with memory_guard(f"out of memory in tinygpt {args.command}; use a smaller model or batch, "
                           "or a device with more memory"):  # the commands name their own batches
@@ -499,6 +520,13 @@ def cmd_serve(args) -> int:
                  getattr(args, "window", "full"))
 
 
+def cmd_studio(args) -> int:
+    from tinygpt.studio import studio
+
+    return studio(args.runs, args.host, args.port, args.open, args.token, args.max_upload_mb, args.max_params,
+                  args.max_steps, args.max_time)
+
+
 def cmd_prepare(args) -> int:
     from tinygpt.corpus import Layout, describe, prepare, read_header
     from tinygpt.data import find_corpus
@@ -553,7 +581,8 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "eval": cmd_eval, "prepare": cmd_prepare,
-            "serve": cmd_serve, "runs": cmd_runs, "export": cmd_export, "presets": cmd_presets, "bench": cmd_bench,
+            "serve": cmd_serve, "studio": cmd_studio,
+            "runs": cmd_runs, "export": cmd_export, "presets": cmd_presets, "bench": cmd_bench,
             "plot": cmd_plot}
 
 

@@ -228,25 +228,33 @@ def bigram_loss(train, val, vocab_size: int, limit: int = 1 << 24) -> float:
 
 
 def probe(shape: Shape, vocab_size: int, base: dict, steps: int = 2) -> float:
-    """Tokens per second of `shape`'s training steps here: one untimed step (one-off costs),
-    then `steps` timed ones on random ids, with the run's device, dtype and optimizer."""
+    """Tokens per second of `shape`'s training steps here, with the run's device, dtype and
+    optimizer (`seconds_per_step`)."""
+    from tinygpt import config as C
+
+    values = {**base, **COMMON, **shape.settings(), "vocab_size": vocab_size, "dropout": 0.1}
+    model_cfg, cfg = C.build(C.ModelConfig, values), C.build(C.TrainConfig, values)
+    return shape.tokens_per_step() / seconds_per_step(model_cfg, cfg, steps)
+
+
+def seconds_per_step(model_cfg, cfg, steps: int = 2) -> float:
+    """Seconds a training step of these settings takes here: one untimed step (one-off costs),
+    then the mean of `steps` timed ones (forward, backward, optimizer) on random ids. The global
+    random state is left as it was."""
     import torch
 
-    from tinygpt import config as C
     from tinygpt.model import build_model
     from tinygpt.optim import make_optimizer
     from tinygpt.runtime import autocast, resolve_attention, resolve_device, resolve_dtype
     from tinygpt.train import muon_ns_dtype
 
-    values = {**base, **COMMON, **shape.settings(), "vocab_size": vocab_size, "dropout": 0.1}
-    model_cfg, cfg = C.build(C.ModelConfig, values), C.build(C.TrainConfig, values)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     state = torch.get_rng_state()
     model = build_model(model_cfg).to(device)
     model.set_attention(resolve_attention(model_cfg.attention, device))
     optimizer = make_optimizer(model, cfg, muon_ns_dtype(dtype))
-    x = torch.randint(vocab_size, (shape.batch_size, shape.block_size + 1), device=device)
+    x = torch.randint(model_cfg.vocab_size, (cfg.batch_size, model_cfg.block_size + 1), device=device)
     seconds = 0.0
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -259,7 +267,7 @@ def probe(shape: Shape, vocab_size: int, base: dict, steps: int = 2) -> float:
             torch.cuda.synchronize()
         seconds += (time.perf_counter() - t0) if i else 0.0
     torch.set_rng_state(state)
-    return steps * shape.tokens_per_step() / seconds
+    return seconds / steps
 
 
 def probe_ladder(text: TextFigures, base: dict, seconds: float, measure=probe) -> dict[str, float]:

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 COOKIE = "tinygpt_studio"
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+SAFE_HEADERS = [(b"x-frame-options", b"SAMEORIGIN"), (b"x-content-type-options", b"nosniff"),
+                (b"referrer-policy", b"no-referrer")]
 
 
 def is_loopback(host: str) -> bool:
@@ -109,4 +111,9 @@ class Guard:
                                         (b"content-length", str(len(data)).encode())]})
                 await send({"type": "http.response.body", "body": data})
                 return
-        await self.app(scope, receive, send)
+        async def send_framed(message):  # no other site may frame the pages (clickjacking)
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SAFE_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_framed if scope["type"] == "http" else send)
