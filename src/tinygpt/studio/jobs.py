@@ -371,7 +371,7 @@ def alive(pid: object, name: str) -> bool:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:
             return False
-        return b"tinygpt" in args and any(a.endswith(name.encode()) for a in args)
+        return b"tinygpt" in args and any(a.endswith(b"/" + name.encode()) for a in args)
     return True
 
 
