@@ -79,14 +79,9 @@ def tiny_configs(data: Path | None = None, out: Path | None = None, **overrides)
 
 def tiny_args(data: Path | None = None, out: Path | None = None, **overrides) -> list[str]:
     """TINY as `tinygpt train` arguments: `--n-layer 2 ... --no-final-eval --quiet`."""
-    args = []
-    for key, value in tiny_flags(data, out, **overrides).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + flag[2:])
-        elif value is not None:
-            args += [flag, str(value)]
-    return args
+    from tinygpt.config import as_flags
+
+    return as_flags(tiny_flags(data, out, **overrides))
 
 
 @pytest.fixture
@@ -167,17 +162,25 @@ class Server:
 @contextmanager
 def serving(run_dir: Path, *flags, timeout: float = 60):
     """`tinygpt serve --port 0` in a subprocess; ready once it has printed its URL and /health answers."""
-    log = run_dir.parent / f"serve-{time.monotonic_ns()}.log"
+    with server_process(["serve", "--ckpt", str(run_dir), "--port", "0", *flags],
+                        run_dir.parent / f"serve-{time.monotonic_ns()}.log", r"API (http://127\.0\.0\.1:\d+)/v1",
+                        timeout) as server:
+        yield server
+
+
+@contextmanager
+def server_process(args: list[str], log: Path, url_pattern: str, timeout: float = 60):
+    """`tinygpt ARGS` in a subprocess, its output in `log`; ready once it has printed a URL that
+    `url_pattern`'s group finds and /health answers there. Stopped (SIGTERM, then SIGKILL) at the end."""
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--ckpt", str(run_dir), "--port", "0",
-                                 *flags], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "tinygpt", *args], stdout=out, stderr=subprocess.STDOUT)
     try:
         url, deadline = None, time.monotonic() + timeout
         while True:
             assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"server not ready after {timeout} s:\n{log.read_text()}"
             if url is None:
-                found = re.search(r"API (http://127\.0\.0\.1:\d+)/v1", log.read_text())
+                found = re.search(url_pattern, log.read_text())
                 url = found and found.group(1)
             if url:
                 try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TINY_TEXT, assert_one_line_error, cli, shakespeare_path
+from conftest import TINY_TEXT, assert_one_line_error, cli, server_process, shakespeare_path
 
 from tinygpt.cli import main
 
@@ -69,31 +69,10 @@ class Studio:
 @contextmanager
 def studio(runs: Path, *flags, timeout: float = 60):
     """`tinygpt studio --port 0` in a subprocess; ready once it printed its URL and /health answers."""
-    log = runs.parent / f"studio-{time.monotonic_ns()}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "studio", "--runs", str(runs), "--port", "0",
-                                 "--no-open", "--token", TOKEN, *flags], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, f"studio exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"studio not ready after {timeout} s:\n{log.read_text()}"
-            found = re.search(r"open (http://127\.0\.0\.1:\d+)/\?token=", log.read_text())
-            if found:
-                try:
-                    if httpx.get(found.group(1) + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.05)  # polling interval
-        yield Studio(found.group(1), proc, runs, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with server_process(["studio", "--runs", str(runs), "--port", "0", "--no-open", "--token", TOKEN, *flags],
+                        runs.parent / f"studio-{time.monotonic_ns()}.log", r"open (http://127\.0\.0\.1:\d+)/\?token=",
+                        timeout) as s:
+        yield Studio(s.url, s.proc, runs, s.log)
 
 
 def stop_jobs(runs: Path) -> None:

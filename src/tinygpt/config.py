@@ -347,3 +347,16 @@ def field_base_type(f: dataclasses.Field) -> type:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def as_flags(settings: dict) -> list[str]:
+    """Settings as `tinygpt train` flags: {"n_layer": 2, "plot": False} -> --n-layer 2 --no-plot
+    (None: left out)."""
+    out = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            out += [flag, str(value)]
+    return out

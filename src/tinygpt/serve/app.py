@@ -247,20 +247,7 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 16, 
         return JSONResponse({**head, "object": "chat.completion", "choices": out,
                              "usage": _usage(len(ids), completion_tokens)})
 
-    def openapi() -> dict:
-        """FastAPI's schema, plus the request bodies (parsed by hand, for OpenAI's error shape)."""
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=tinygpt_version(), routes=app.routes,
-                                 description="tinygpt serve: OpenAI-style completions, scoring and inspection")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in REQUEST_MODELS:
-                found = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(found.pop("$defs", {}))
-                components[model.__name__] = found
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
+    with_request_schemas(app, "tinygpt serve: OpenAI-style completions, scoring and inspection", REQUEST_MODELS)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -305,9 +292,28 @@ ERROR_WHEN = {400: "a bad request: invalid JSON, a wrong type or value, unknown 
               413: "a body over 1 MB", 429: "too many sequences waiting", 503: "the server ran out of memory"}
 
 
-def errors(*statuses: int) -> dict:
-    """OpenAPI responses for these error statuses, each with OpenAI's error body."""
-    return {s: {"model": ErrorResponse, "description": ERROR_WHEN[s]} for s in statuses}
+def errors(*statuses: int, when: dict = ERROR_WHEN) -> dict:
+    """OpenAPI responses for these error statuses (`when`: what each means), each with OpenAI's
+    error body."""
+    return {s: {"model": ErrorResponse, "description": when[s]} for s in statuses}
+
+
+def with_request_schemas(app: FastAPI, description: str, models) -> None:
+    """`app`'s /openapi.json: FastAPI's schema, plus the request bodies of `models` (the handlers
+    parse them by hand, for OpenAI's error shape, so FastAPI does not see them)."""
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=tinygpt_version(), routes=app.routes,
+                                 description=description)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(found.pop("$defs", {}))
+                components[model.__name__] = found
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def body(model) -> dict:

@@ -35,7 +35,6 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,7 +44,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinygpt import config as C
 from tinygpt import version as tinygpt_version
 from tinygpt.errors import UserError
-from tinygpt.serve.api import ApiError, ErrorResponse, parse_body
+from tinygpt.serve.api import ApiError, parse_body
+from tinygpt.serve.app import body, with_request_schemas
+from tinygpt.serve.app import errors as serve_errors
 from tinygpt.serve.guard import COOKIE, Guard, has_token
 from tinygpt.studio import texts
 from tinygpt.studio.jobs import ACTIVE, STUDIO_CHOOSES, Conflict, Jobs, NotFound, TooLarge, reports
@@ -252,21 +253,9 @@ def create_app(runs: Path, token: str, hosts: frozenset[str] | None, jobs: Jobs 
         path = await run_in_threadpool(hf_export, jobs.run_dir(run_id), run_id)
         return zip_response(path, f"{run_id}-hf.zip")
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=tinygpt_version(), routes=app.routes,
-                                 description="tinygpt studio: texts, runs and their training jobs. A run's "
-                                 "/api/runs/{id}/serve/ is tinygpt serve on its best checkpoint (its own "
-                                 "/openapi.json there). Every /api request carries the launch token.")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (TextRequest, RunRequest, EstimateRequest, ResumeRequest):
-                found = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(found.pop("$defs", {}))
-                components[model.__name__] = found
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
+    with_request_schemas(app, "tinygpt studio: texts, runs and their training jobs. A run's /api/runs/{id}/serve/ is "
+                         "tinygpt serve on its best checkpoint (its own /openapi.json there). Every /api request "
+                         "carries the launch token.", (TextRequest, RunRequest, EstimateRequest, ResumeRequest))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -316,12 +305,7 @@ ERROR_WHEN = {400: "a bad request: invalid JSON, a wrong type or value (the conf
 
 
 def errors(*statuses: int) -> dict:
-    return {s: {"model": ErrorResponse, "description": ERROR_WHEN[s]} for s in statuses}
-
-
-def body(model) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    return serve_errors(*statuses, when=ERROR_WHEN)
 
 
 def field_of(message: str) -> str | None:

@@ -151,7 +151,7 @@ class Jobs:
             name = self.new_name(name, preset or model_cfg.model)
             run_dir = self.runs / name
             command = [sys.executable, "-m", "tinygpt", "train", "--data", str(texts.text_path(self.runs, text_id)),
-                       "--out", str(run_dir), *(["--preset", preset] if preset else []), *as_flags(settings)]
+                       "--out", str(run_dir), *(["--preset", preset] if preset else []), *C.as_flags(settings)]
             if preset == "auto" and "max_time" not in settings:
                 command += ["--max-time", str(int(cfg.max_time or 600))]
             elif cfg.max_time == 0:
@@ -343,18 +343,6 @@ class Jobs:
 def job_part(rec: dict) -> dict | None:
     keys = ("pid", "command", "state", "started", "ended", "exit_code", "message", "start_step", "runs")
     return {k: rec.get(k) for k in keys} if rec.get("command") else None
-
-
-def as_flags(settings: dict) -> list[str]:
-    """Settings as `tinygpt train` flags (values already checked by the config code)."""
-    out = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else "--no-" + flag[2:])
-        elif value is not None:
-            out += [flag, str(value)]
-    return out
 
 
 def alive(pid: object, name: str) -> bool:
