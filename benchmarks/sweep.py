@@ -6,12 +6,15 @@ that loss is known. Prints a markdown table and writes the raw figures as JSON.
         --row "preset=" --row "muon, 450 steps=--optimizer muon --max-iters 450"
 
 A row is NAME=EXTRA FLAGS (appended to --base; later flags win). Every run gets a fresh --out,
-`--quiet --sample-chars 0 --no-plot` (nothing printed is timed).
+`--quiet --sample-chars 0 --no-plot` (nothing printed is timed). With `--seeds 1337,1,2` each row
+runs once per seed (`--seed S`), and the table gives the mean loss with its lowest and highest:
+on a small model one seed's noise is often larger than a trick's gain.
 """
 
 import argparse
 import json
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -26,16 +29,23 @@ def main() -> int:
     p.add_argument("--base", required=True, help="the training command every row starts from")
     p.add_argument("--row", action="append", required=True, help="NAME=EXTRA FLAGS; repeat for each row")
     p.add_argument("--json", default="sweep.json", help="where to write the raw figures (default: sweep.json)")
+    p.add_argument("--seeds", default=None, metavar="LIST", help="run each row once per seed, e.g. 1337,1,2 "
+                   "(default: once, the command's own seed)")
     args = p.parse_args()
     base = shlex.split(args.base)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     rows = []
-    print("| change | val loss (whole split) | s to that loss |")
-    print("|---|---:|---:|")
+    print("| change | val loss (whole split) | lowest - highest | s to that loss |")
+    print("|---|---:|---:|---:|")
     for spec in args.row:
         name, _, extra = spec.partition("=")
-        r = one_run([*base, *QUIET, *shlex.split(extra)])
-        rows.append({"name": name, "flags": extra, **r})
-        print(f"| {name} | {r['val_loss']:.4f} | {r['seconds_to_loss']:.1f} |", flush=True)
+        runs = [one_run([*base, *QUIET, *shlex.split(extra), *([] if seed is None else ["--seed", str(seed)])])
+                for seed in seeds]
+        losses = [r["val_loss"] for r in runs]
+        seconds = statistics.mean(r["seconds_to_loss"] for r in runs)
+        rows.append({"name": name, "flags": extra, "seeds": seeds, "runs": runs})
+        print(f"| {name} | {statistics.mean(losses):.4f} | {min(losses):.4f} - {max(losses):.4f} | {seconds:.1f} |",
+              flush=True)
     Path(args.json).write_text(json.dumps({"base": base, "rows": rows}, indent=2))
     return 0
 

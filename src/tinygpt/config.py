@@ -60,6 +60,11 @@ class ModelConfig:
     tie_embeddings: bool = setting(False, "share the token embedding with the output head")
     attn_bias: bool = setting(False, "bias on the query/key/value projection (GPT-2 has one; the lecture does not)")
     head_bias: bool = setting(True, "bias on the output head (the lecture's has one; GPT-2's does not)")
+    logit_softcap: float = setting(
+        0.0, "bound the logits smoothly to (-c, c): c * tanh(logits / c) (modded-nanogpt's soft-cap; 0 = off)", ge=0)
+    zero_init_proj: bool = setting(
+        False, "start every block's output projections (attention's and the MLP's) at zero, so each block starts "
+        "as the identity (modded-nanogpt)")
     attention: str = setting(
         "auto",
         "attention kernel: auto picks the fastest measured for the device; reference is the "
@@ -144,6 +149,9 @@ class TrainConfig:
         "blocks' weight matrices, AdamW for embeddings, head, norms and biases", choices=("adamw", "muon"))
     muon_lr: float = setting(0.02, "Muon's peak learning rate (it follows --lr-schedule's shape)", gt=0)
     muon_momentum: float = setting(0.95, "Muon's (Nesterov) momentum", ge=0, lt=1)
+    muon_momentum_warmup: int = setting(
+        0, "Muon's momentum goes linearly from 0.85 to --muon-momentum over this many first steps (modded-nanogpt's "
+        "warm-up; 0 = off)", ge=0)
     weight_decay: float = setting(0.01, "AdamW weight decay on matrices (not biases, norms, embeddings); Muon's "
                                   "decoupled weight decay too", ge=0)
     beta1: float = setting(0.9, "AdamW beta1", ge=0, lt=1)

@@ -164,6 +164,10 @@ class GPTLanguageModel(LanguageModel):
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.head_bias)
         self.apply(self._init_weights)
+        if config.zero_init_proj:  # each block's branches add nothing at first: the block is the identity
+            for block in self.blocks:
+                nn.init.zeros_(block.attn.c_proj.weight)
+                nn.init.zeros_(block.mlp.c_proj.weight)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding_table.weight
         self.set_attention(config.attention if config.attention != "auto" else "manual")
@@ -198,6 +202,9 @@ class GPTLanguageModel(LanguageModel):
             x = x[:, -1:]
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
+        if self.config.logit_softcap:  # smoothly into (-c, c): no logit runs away early in training
+            c = self.config.logit_softcap
+            logits = c * torch.tanh(logits / c)
         loss = None if targets is None else self.loss(logits, targets)
         return logits, loss
 

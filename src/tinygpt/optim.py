@@ -238,6 +238,24 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+MUON_MOMENTUM_START = 0.85  # where --muon-momentum-warmup starts (modded-nanogpt's record 9)
+
+
+def momentum_at(step: int, cfg) -> float:
+    """Muon's momentum at `step`: from MUON_MOMENTUM_START to `muon_momentum` over the first
+    `muon_momentum_warmup` steps, then `muon_momentum`."""
+    if step >= cfg.muon_momentum_warmup:
+        return cfg.muon_momentum
+    return MUON_MOMENTUM_START + step / cfg.muon_momentum_warmup * (cfg.muon_momentum - MUON_MOMENTUM_START)
+
+
+def set_momentum(optimizer, momentum: float) -> None:
+    """Every Muon group at `momentum` (AdamW's groups have betas, not a momentum)."""
+    for group in optimizer.param_groups:
+        if "momentum" in group:
+            group["momentum"] = momentum
+
+
 def lr_at(step: int, cfg, horizon: int | None = None) -> float:
     """The learning rate of `step`: linear warm-up, then constant, cosine down to min_lr, or wsd:
     constant until the last `cooldown_frac` of the steps, then linear down to min_lr. The steps

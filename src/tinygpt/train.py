@@ -30,7 +30,7 @@ from tinygpt.distributed import SINGLE, Distributed
 from tinygpt.errors import UserError
 from tinygpt.evaluate import estimate_loss, final_eval, final_eval_batch
 from tinygpt.model import build_model
-from tinygpt.optim import clip_grad_norm, fit_horizon, lr_at, make_optimizer, set_lr
+from tinygpt.optim import clip_grad_norm, fit_horizon, lr_at, make_optimizer, momentum_at, set_lr, set_momentum
 from tinygpt.progress import Progress, time_probe
 from tinygpt.runtime import autocast, grad_scaler, resolve_attention, resolve_device, resolve_dtype, resolve_threads
 from tinygpt.sampling import sample_text
@@ -168,6 +168,8 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
                     _fit_schedule(state, cfg, t_start, session_seconds, start_step, note)
 
                 phase, rewind = "train", random_state(sampler, device)
+                if cfg.optimizer == "muon" and cfg.muon_momentum_warmup:  # a function of the step: resumes exactly
+                    set_momentum(optimizer, momentum_at(state.step, cfg))
                 t0 = time.perf_counter()
                 loss = _forward_backward(runner, optimizer, sampler, lr_at(state.step, cfg, state.horizon), cfg,
                                          device, dtype, dist, scaler)

@@ -1,0 +1,97 @@
+"""The speedrun's small-model options (issue 28), each against a plain reference: the logit soft-cap
+is c * tanh(logits / c) of the uncapped model's logits and bounds them; zero-initialised output
+projections make every block the identity at step 0; Muon's momentum warm-up goes 0.85 -> the set
+momentum; a run with every option on resumes bit for bit; each is recorded in run.json, off by
+default (the lecture's model stays the lecture's), and refused by the Hugging Face export where
+GPT-2 has no place for it."""
+
+import json
+
+import pytest
+import torch
+from conftest import assert_one_line_error, assert_same_weights, cli, losses_by_step, tiny_args
+
+from tinygpt.config import ModelConfig, TrainConfig
+from tinygpt.model import build_model
+from tinygpt.optim import MUON_MOMENTUM_START, momentum_at
+
+SMALL = dict(vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+
+
+def test_the_options_are_off_by_default():
+    m, t = ModelConfig(), TrainConfig()
+    assert (m.logit_softcap, m.zero_init_proj, t.muon_momentum_warmup) == (0.0, False, 0)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_soft_cap_is_tanh_of_the_uncapped_logits_and_bounds_them(pos_emb):
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(**SMALL, pos_emb=pos_emb)).eval()
+    capped = build_model(ModelConfig(**SMALL, pos_emb=pos_emb, logit_softcap=0.05)).eval()
+    capped.load_state_dict(plain.state_dict())
+    idx = torch.randint(20, (3, 12))
+    with torch.no_grad():
+        raw, capped_logits = plain(idx)[0], capped(idx)[0]
+    assert raw.abs().max() > 0.05  # the cap bites
+    assert torch.equal(capped_logits, 0.05 * torch.tanh(raw / 0.05))
+    assert capped_logits.abs().max() < 0.05
+    _, loss = capped(idx, idx)
+    assert torch.isfinite(loss)
+
+
+def test_zero_initialised_projections_make_each_block_the_identity():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL, zero_init_proj=True)).eval()
+    for block in model.blocks:
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+    idx = torch.randint(20, (2, 12))
+    with torch.no_grad():
+        x = model.token_embedding_table(idx) + model.position_embedding_table(torch.arange(12))
+        expected = model.lm_head(model.ln_f(x))  # no block adds anything
+        assert torch.equal(model(idx)[0], expected)
+    torch.manual_seed(0)
+    lecture = build_model(ModelConfig(**SMALL))
+    assert lecture.blocks[0].attn.c_proj.weight.std().item() == pytest.approx(0.02, rel=0.2)  # unchanged when off
+
+
+def test_muon_momentum_warms_up_linearly():
+    cfg = TrainConfig(optimizer="muon", muon_momentum=0.95, muon_momentum_warmup=100)
+    assert momentum_at(0, cfg) == MUON_MOMENTUM_START == 0.85
+    assert momentum_at(50, cfg) == pytest.approx(0.90)
+    assert momentum_at(100, cfg) == momentum_at(10_000, cfg) == 0.95
+    assert momentum_at(0, TrainConfig(optimizer="muon")) == 0.95  # off: the set momentum from the start
+
+
+ALL_ON = dict(optimizer="muon", logit_softcap=15.0, zero_init_proj=True, muon_momentum_warmup=8, dropout=0.1,
+              batch_size=8, eval_iters=2, attention="manual", pos_emb="rope", norm="rmsnorm")
+
+
+def test_every_option_on_resumes_bit_exact_and_is_recorded(tiny_text_file, tmp_path):
+    a = cli("train", *tiny_args(tiny_text_file, tmp_path / "a", **ALL_ON, eval_interval=4, max_iters=12))
+    assert a.code == 0, a.err
+    r = cli("train", *tiny_args(tiny_text_file, tmp_path / "b", **ALL_ON, eval_interval=4, max_iters=6))
+    assert r.code == 0, r.err
+    b = cli("train", "--resume", tmp_path / "b", "--max-iters", 12)  # mid warm-up: the momentum is the step's
+    assert b.code == 0, b.err
+    la, lb = losses_by_step(tmp_path / "a"), losses_by_step(tmp_path / "b")
+    assert {s: lb[s] for s in la} == la
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    meta = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert (meta["model"]["logit_softcap"], meta["model"]["zero_init_proj"]) == (15.0, True)
+    assert meta["train"]["muon_momentum_warmup"] == 8
+
+
+def test_the_momentum_warm_up_changes_the_run(tiny_text_file, tmp_path):
+    flags = dict(optimizer="muon", batch_size=8, eval_iters=2, eval_interval=4, max_iters=8)
+    assert cli("train", *tiny_args(tiny_text_file, tmp_path / "off", **flags)).code == 0
+    assert cli("train", *tiny_args(tiny_text_file, tmp_path / "on", **flags, muon_momentum_warmup=8)).code == 0
+    off, on = losses_by_step(tmp_path / "off"), losses_by_step(tmp_path / "on")
+    assert off[0] == on[0] and off[8] != on[8]  # the same start; another path
+
+
+def test_a_soft_capped_run_is_refused_by_the_export(tiny_text_file, tmp_path):
+    assert cli("train", *tiny_args(tiny_text_file, tmp_path / "run", max_iters=2, eval_interval=2,
+                                   logit_softcap=30.0)).code == 0
+    r = cli("export", tmp_path / "run", "--out", tmp_path / "hf")
+    assert_one_line_error(r, "logit_softcap=30.0", "which GPT-2 has no place for")
+    assert not (tmp_path / "hf").exists()
