@@ -94,6 +94,10 @@ def test_the_whole_loop_in_chromium(tmp_path, width, height):
             page.locator("#step-slider").fill(str(len(first["metrics"]) - 1))
             expect(page.locator("#step-shown")).to_have_text("3000")
             shot(page, "train")
+            page.fill("#extend-steps", "100")  # Extend: 100 more steps, the time as before
+            page.click("#extend")
+            expect(page.locator("#run-facts")).to_contain_text("step 3,100 of 3,100", timeout=120_000)
+            expect(page.locator("#run-facts")).to_contain_text("finished")
 
             # a second run with other settings, to compare
             page.click("nav.steps >> text=2 Model")

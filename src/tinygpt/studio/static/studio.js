@@ -616,10 +616,12 @@ function wire() {
     if (await post(`/api/runs/${encodeURIComponent(state.run)}/resume`)) openRun(state.run);
   });
   $("extend").addEventListener("click", async () => {
-    const steps = Number($("extend-steps").value);
+    const body = {};
+    if ($("extend-steps").value.trim()) body.steps = Number($("extend-steps").value);
+    if ($("extend-minutes").value.trim()) body.seconds = 60 * Number($("extend-minutes").value);
     showError("train-error", null);
     try {
-      await api(`/api/runs/${encodeURIComponent(state.run)}/resume`, { json: { steps } });
+      await api(`/api/runs/${encodeURIComponent(state.run)}/resume`, { json: body });
       await refreshRuns();
       openRun(state.run);
     } catch (e) {
