@@ -1,9 +1,9 @@
 """The speedrun's small-model options (issue 28), each against a plain reference: the logit soft-cap
 is c * tanh(logits / c) of the uncapped model's logits and bounds them; zero-initialised output
 projections make every block the identity at step 0; Muon's momentum warm-up goes 0.85 -> the set
-momentum; a run with every option on resumes bit for bit; each is recorded in run.json, off by
-default (the lecture's model stays the lecture's), and refused by the Hugging Face export where
-GPT-2 has no place for it."""
+momentum; the embeddings' own learning rate is theirs alone; a run with every option on resumes bit
+for bit; each is recorded in run.json, off by default (the lecture's model stays the lecture's),
+and refused by the Hugging Face export where GPT-2 has no place for it."""
 
 import json
 
@@ -62,7 +62,24 @@ def test_muon_momentum_warms_up_linearly():
     assert momentum_at(0, TrainConfig(optimizer="muon")) == 0.95  # off: the set momentum from the start
 
 
+def test_embeddings_learn_at_their_own_rate_only_when_asked():
+    from tinygpt.optim import make_optimizer, set_lr
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL))
+    plain = make_optimizer(model, TrainConfig(optimizer="muon"))
+    assert len(plain.adamw.param_groups) == 2  # the layout of every earlier run's optimizer state
+    faster = make_optimizer(model, TrainConfig(optimizer="muon", embed_lr_mult=10.0))
+    set_lr(faster, 1e-3)
+    groups = faster.adamw.param_groups
+    assert len(groups) == 3 and groups[2]["lr"] == pytest.approx(1e-2) and groups[0]["lr"] == 1e-3
+    emb = {id(model.token_embedding_table.weight), id(model.position_embedding_table.weight)}
+    assert {id(p) for p in groups[2]["params"]} == emb
+    assert not emb & {id(p) for g in groups[:2] for p in g["params"]}
+
+
 ALL_ON = dict(optimizer="muon", logit_softcap=15.0, zero_init_proj=True, muon_momentum_warmup=8, dropout=0.1,
+              embed_lr_mult=3.0,
               batch_size=8, eval_iters=2, attention="manual", pos_emb="rope", norm="rmsnorm")
 
 
@@ -78,7 +95,7 @@ def test_every_option_on_resumes_bit_exact_and_is_recorded(tiny_text_file, tmp_p
     assert_same_weights(tmp_path / "a", tmp_path / "b")
     meta = json.loads((tmp_path / "a" / "run.json").read_text())
     assert (meta["model"]["logit_softcap"], meta["model"]["zero_init_proj"]) == (15.0, True)
-    assert meta["train"]["muon_momentum_warmup"] == 8
+    assert (meta["train"]["muon_momentum_warmup"], meta["train"]["embed_lr_mult"]) == (8, 3.0)
 
 
 def test_the_momentum_warm_up_changes_the_run(tiny_text_file, tmp_path):

@@ -210,17 +210,22 @@ def make_optimizer(model, cfg, ns_dtype: torch.dtype = torch.float32):
     """The optimizer a `TrainConfig` asks for. AdamW: weight decay only on matrices that multiply
     activations (not biases, norms or embedding tables). Muon: the blocks' weight matrices, at
     `muon_lr` (the schedule scales both by the same factor); AdamW for everything else."""
-    muon, decay, no_decay = [], [], []
+    muon, decay, no_decay, embeddings = [], [], [], []
+    apart = cfg.embed_lr_mult != 1.0  # their own group only then: older runs' optimizer state keeps its layout
     for name, p in model.named_parameters():
         is_embedding = "embedding_table" in name
         if cfg.optimizer == "muon" and name.startswith("blocks.") and p.dim() == 2:
             muon.append(p)
+        elif is_embedding and apart:
+            embeddings.append(p)
         else:
             (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if apart:
+        groups.append({"params": embeddings, "weight_decay": 0.0, "lr_scale": cfg.embed_lr_mult})
     adamw = AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     if cfg.optimizer == "adamw":
         return adamw
