@@ -120,7 +120,9 @@ class Jobs:
         if preset is not None and preset != "auto" and preset not in C.list_presets():
             raise UserError(f"preset {preset!r} is unknown; choose one of: auto, {', '.join(C.list_presets())}")
         flags = {**settings, **({"preset": preset} if preset and preset != "auto" else {})}
-        model_cfg, cfg = C.resolve_train_settings(flags)  # --preset auto plans in the job, on these as given
+        # --preset auto plans in the job; here its settings resolve to the lecture's model, the largest
+        # it may pick, so the parameter limit holds whatever it picks
+        model_cfg, cfg = C.resolve_train_settings(flags)
         vocab = cfg.vocab_size if cfg.tokenizer == "bpe" else figures["vocab_size"]
         model_cfg = C.build(C.ModelConfig, {**C.to_dict(model_cfg), "vocab_size": vocab})
         self.check_limits(model_cfg, cfg.max_iters, cfg.max_time or (600.0 if preset == "auto" else 0.0))
@@ -187,7 +189,6 @@ class Jobs:
         with self.lock:
             rec = self.record(name)
             if self.current != name or not rec or rec.get("state") not in ACTIVE:
-                self.run_dir(name, must_exist=False)
                 raise Conflict(f"run {name} is not training; nothing to stop")
             try:
                 os.killpg(rec["pid"], signal.SIGTERM)  # train saves, then exits (143)
@@ -292,7 +293,7 @@ class Jobs:
         meta = self.runs / name / "run.json"
         return meta.stat().st_mtime if meta.is_file() else 0.0
 
-    def run_dir(self, name: object, must_exist: bool = True) -> Path:
+    def run_dir(self, name: object) -> Path:
         """The run `name` names, found by listing `runs`: never a client's string used as a path."""
         if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name or name not in self.names():
             raise NotFound(f"no run {name!r} in this studio's runs directory; GET /api/runs lists them")
