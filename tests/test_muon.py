@@ -11,7 +11,7 @@ from conftest import assert_one_line_error, assert_same_weights, cli, losses_by_
 from tinygpt.checkpoint import checkpoint_dir
 from tinygpt.config import TrainConfig
 from tinygpt.model import build_model
-from tinygpt.optim import AdamW, Muon, MuonAdamW, lr_at, make_optimizer, orthogonalize, set_lr
+from tinygpt.optim import AdamW, Muon, MuonAdamW, lr_at, make_optimizer, orthogonalize, orthogonalize_all, set_lr
 from tinygpt.train import muon_ns_dtype
 
 
@@ -27,6 +27,20 @@ def test_newton_schulz_pushes_every_singular_value_towards_one(shape):
         assert o.dtype == dtype and o.shape == g.shape
         s = torch.linalg.svdvals(o.float())
         assert s.min() > 0.5 and s.max() < 1.3, (dtype, s)
+
+
+def test_stacked_newton_schulz_is_the_one_by_one_iteration():
+    """Same-shape matrices (tall ones turned wide) go through one batched call: the same result
+    as one by one, to float32's rounding (bfloat16's to the bit); a lone shape takes the
+    one-by-one path itself."""
+    torch.manual_seed(0)
+    gs = [torch.randn(24, 8), torch.randn(8, 24), torch.randn(8, 24), torch.randn(16, 16), torch.randn(5, 7)]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.0)):
+        alone = [orthogonalize(g, dtype) for g in gs]
+        stacked = orthogonalize_all(gs, dtype)
+        assert [s.shape for s in stacked] == [g.shape for g in gs] and all(s.dtype == dtype for s in stacked)
+        assert max((a.float() - b.float()).abs().max().item() for a, b in zip(alone, stacked)) <= tol
+        assert torch.equal(stacked[3], alone[3]) and torch.equal(stacked[4], alone[4])  # lone shapes
 
 
 def test_muon_update_is_torch_muons():
