@@ -294,8 +294,10 @@ class Jobs:
         return meta.stat().st_mtime if meta.is_file() else 0.0
 
     def run_dir(self, name: object) -> Path:
-        """The run `name` names, found by listing `runs`: never a client's string used as a path."""
-        if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name or name not in self.names():
+        """The run `name` names: a plain name (no path: letters, digits, '.', '_', '-', no '..') of a
+        run in `runs`, as `names` lists them (a run.json, or a job record)."""
+        if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name or not (
+                (self.runs / name / "run.json").is_file() or (self.folder / f"{name}.json").is_file()):
             raise NotFound(f"no run {name!r} in this studio's runs directory; GET /api/runs lists them")
         return self.runs / name
 
