@@ -252,18 +252,13 @@ class Jobs:
                 self.current = None
 
     def finished(self, name: str) -> bool:
-        """Whether the run ended on its own: its last planned step reached (or, stopped by --max-time
-        or early stopping, its final line written after that of its last resume)."""
+        """Whether the run `name` ended on its own (`ended`)."""
         run_dir = self.runs / name
         try:
             _, cfg = configs_from_meta(read_run_meta(run_dir))
         except UserError:
             return False
-        step = last_step(run_dir)
-        if step is not None and step >= self.planned(name, cfg):
-            return True
-        lines = read_lines(run_dir)
-        return bool(lines) and "final_val_loss" in lines[-1]
+        return ended(last_step(run_dir), self.planned(name, cfg), read_lines(run_dir))
 
     # --- names and views ---------------------------------------------------------------------------
 
@@ -313,18 +308,20 @@ class Jobs:
         except UserError as e:
             out.update(state="damaged", message=str(e))
             return out
-        rows = reports(run_dir)
+        lines = read_lines(run_dir)
+        rows = [r for r in lines if is_report(r)]
         state = rec.get("state") if rec.get("state") in ACTIVE or rec.get("state") == "failed" else None
         if meta is None:
             out.update(state=state or "starting", settings=None, parameters=None, step=0, max_iters=None)
             return out
         model_cfg, cfg = configs_from_meta(meta)
-        step = max([r["step"] for r in rows] + [last_step(run_dir) or 0])  # a stop saves between reports
+        saved = last_step(run_dir)
+        step = max([r["step"] for r in rows] + [saved or 0])  # a stop saves between reports
         best = min((r for r in rows if is_number(r.get("val_loss"))), key=lambda r: r["val_loss"], default=None)
-        final = next((r for r in reversed(read_lines(run_dir)) if "final_val_loss" in r), None)
+        final = next((r for r in reversed(lines) if "final_val_loss" in r), None)
+        max_iters = rec.get("max_iters") or cfg.max_iters  # as `planned`, from the record read above
         if state is None:
-            state = "finished" if self.finished(name) else "stopped"
-        max_iters = self.planned(name, cfg)
+            state = "finished" if ended(saved, max_iters, lines) else "stopped"
         out.update(
             state=state, model=model_cfg.model, shape=shape(model_cfg), parameters=param_count(model_cfg),
             vocab_size=model_cfg.vocab_size, block_size=model_cfg.block_size, step=step, max_iters=max_iters,
@@ -380,8 +377,20 @@ def read_lines(run_dir: Path) -> list[dict]:
     return out
 
 
+def is_report(line: dict) -> bool:
+    return "val_loss" in line and isinstance(line.get("step"), int)
+
+
 def reports(run_dir: Path) -> list[dict]:
-    return [r for r in read_lines(run_dir) if "val_loss" in r and isinstance(r.get("step"), int)]
+    return [r for r in read_lines(run_dir) if is_report(r)]
+
+
+def ended(saved_step: int | None, planned: int, lines: list[dict]) -> bool:
+    """Whether a run ended on its own: its last planned step saved, or (stopped by --max-time or
+    early stopping) its final line written after its last resume (a resume trims it)."""
+    if saved_step is not None and saved_step >= planned:
+        return True
+    return bool(lines) and "final_val_loss" in lines[-1]
 
 
 def last_step(run_dir: Path) -> int | None:
