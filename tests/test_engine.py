@@ -8,7 +8,9 @@ from tinygpt.engine import DecodeEngine
 from tinygpt.model import BigramLanguageModel, GPTLanguageModel
 
 V = 11
-POSITIONS = [{}, {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "activation": "relu2"}]
+POSITIONS = [{}, {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "activation": "relu2"},
+             {"pos_emb": "rope", "bigram_embed": True}]  # the engine carries each slot's previous token
+IDS = ["learned", "rope", "bigram"]
 
 
 def gpt(kernel="manual", **kw):
@@ -16,10 +18,13 @@ def gpt(kernel="manual", **kw):
     cfg.update(kw)
     m = GPTLanguageModel(ModelConfig(**cfg)).eval()
     m.set_attention(kernel)
+    if m.config.bigram_embed:  # it starts at zero; a trained one is not
+        with torch.no_grad():
+            m.bigram_embedding_table.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     return m
 
 
-@pytest.mark.parametrize("kw", POSITIONS, ids=["learned", "rope"])
+@pytest.mark.parametrize("kw", POSITIONS, ids=IDS)
 @pytest.mark.parametrize("kernel", ["manual", "sdpa", "reference"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_cached_equals_uncached_past_the_block(kw, kernel, batch):
@@ -33,7 +38,7 @@ def test_cached_equals_uncached_past_the_block(kw, kernel, batch):
     assert torch.equal(out[True], out[False])
 
 
-@pytest.mark.parametrize("kw", POSITIONS, ids=["learned", "rope"])
+@pytest.mark.parametrize("kw", POSITIONS, ids=IDS)
 def test_slots_of_different_lengths_step_together(kw):
     """Three independent sequences, started at different lengths and stepped in changing subsets
     through one batched forward, each get exactly the logits of the model run on it alone."""
@@ -54,7 +59,7 @@ def test_slots_of_different_lengths_step_together(kw):
             torch.testing.assert_close(logits[s], alone, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kw", POSITIONS, ids=["learned", "rope"])
+@pytest.mark.parametrize("kw", POSITIONS, ids=IDS)
 def test_static_shapes_decode_equals_uncached(kw):
     """The CUDA path's shapes (every slot, the whole block, masked), run eagerly on CPU: the same
     logits as the model on each sequence alone, idle slots included in every step."""
@@ -110,7 +115,7 @@ def chunked_reference(m, prompt: list[int], n: int, seed: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("kw", POSITIONS, ids=["learned", "rope"])
+@pytest.mark.parametrize("kw", POSITIONS, ids=IDS)
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_chunked_window_follows_its_rule(kw, use_cache):
     m = gpt(**kw)

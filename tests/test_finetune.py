@@ -89,6 +89,21 @@ def test_bigram_grows_its_table_in_both_dimensions(tiny_text_file, tmp_path):
     assert grown.shape == (n + 2, n + 2) and torch.equal(grown[:n, :n], old)
 
 
+def test_a_bigram_input_keeps_each_pairs_vector_when_the_vocabulary_grows(tiny_text_file, tmp_path):
+    m, t = tiny_configs(tiny_text_file, tmp_path / "base", bigram_embed=True, max_iters=10)
+    train(m, t, **QUIET)
+    new = tmp_path / "new.txt"
+    new.write_text(TINY_TEXT + "Zq\n" * 30)
+    m2, t2 = tiny_configs(new, tmp_path / "grown", max_iters=0, init_from=str(tmp_path / "base"), grow_vocab=True)
+    train(m2, t2, **QUIET)
+    old = weights(tmp_path / "base")["bigram_embedding_table.weight"]
+    grown = weights(tmp_path / "grown")["bigram_embedding_table.weight"]
+    n = load_tokenizer(tmp_path / "base" / "tokenizer.json").vocab_size
+    assert old.any() and old.shape[0] == (n + 1) * n and grown.shape[0] == (n + 3) * (n + 2)
+    torch.testing.assert_close(grown.view(n + 3, n + 2, -1)[: n + 1, :n], old.view(n + 1, n, -1), rtol=0, atol=0)
+    assert not grown.view(n + 3, n + 2, -1)[:, n:].any()  # pairs ending in a new character start at zero
+
+
 def test_fine_tuning_runs_record_their_tokenizer_kind(tiny_text_file, tmp_path):
     m, t = tiny_configs(tiny_text_file, tmp_path / "base", tokenizer="bpe", vocab_size=280, max_iters=5)
     train(m, t, **QUIET)

@@ -63,7 +63,9 @@ def latest_step(run_dir: Path) -> int:
     {"model": "bigram"},
     {"pos_emb": "rope", "norm": "rmsnorm", "tie_embeddings": True, "n_layer": 3},
     {"n_embd": 48, "n_head": 3, "block_size": 32, "activation": "relu2", "qk_norm": True},
-], ids=["lecture", "bigram", "rope-rmsnorm-tied", "small"])
+    {"n_embd": 48, "n_head": 3, "bigram_embed": True},
+    {"n_embd": 48, "n_head": 3, "bigram_embed": True, "vocab_size": 300},  # hashed: a bounded table
+], ids=["lecture", "bigram", "rope-rmsnorm-tied", "small", "bigram-input", "bigram-input-hashed"])
 def test_param_count_is_the_built_models(values):
     m = C.build(C.ModelConfig, {"vocab_size": 65, **values})
     assert resources.param_count(m) == sum(p.numel() for p in build_model(m).parameters())

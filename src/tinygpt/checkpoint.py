@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 import tinygpt
 from tinygpt import config as C
 from tinygpt.errors import UserError
+from tinygpt.model import regrow_bigram
 from tinygpt.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1
@@ -361,7 +362,10 @@ def load_weights(path: Path, model: torch.nn.Module, grown: bool = False) -> Non
     if grown:
         own = model.state_dict()
         for name, tensor in state.items():
-            if name in own and own[name].shape != tensor.shape and own[name].dim() == tensor.dim() and all(
+            if name == "bigram_embedding_table.weight" and name in own and own[name].shape != tensor.shape:
+                old_vocab = round(((1 + 4 * len(tensor)) ** 0.5 - 1) / 2)  # rows = (V + 1) V
+                state[name] = regrow_bigram(tensor, old_vocab, model.config.vocab_size)
+            elif name in own and own[name].shape != tensor.shape and own[name].dim() == tensor.dim() and all(
                 a >= b for a, b in zip(own[name].shape, tensor.shape)
             ):
                 own[name][tuple(slice(0, n) for n in tensor.shape)] = tensor

@@ -65,6 +65,9 @@ class ModelConfig:
     zero_init_proj: bool = setting(
         False, "start every block's output projections (attention's and the MLP's) at zero, so each block starts "
         "as the identity (modded-nanogpt)")
+    bigram_embed: bool = setting(
+        False, "add a learned vector for each (previous token, token) pair to the token embedding, zero at first: "
+        "the model sees the last two characters before any attention (exact up to 255 tokens; hashed beyond)")
     attention: str = setting(
         "auto",
         "attention kernel: auto picks the fastest measured for the device; reference is the "

@@ -81,6 +81,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.block_size = block_size
         self.positions: torch.Tensor | None = None  # (T,) or (B, 1): positions of this forward's tokens
+        self.previous: torch.Tensor | None = None  # decode: (B, 1) the token before each row's new one
         self._rows = slice(None)
         self._write: torch.Tensor | int | None = None  # decode: (B, nh, 1, hs) scatter index, or one position
         self._mask: torch.Tensor | None = None  # decode: (B, 1, 1, Tk)
@@ -89,19 +90,22 @@ class KVCache:
     def prefill(self, rows: slice | torch.Tensor, length: int, device) -> None:
         """The next forward fills positions 0..length-1 of `rows` (a slice, or slot indices), the
         tokens causal among themselves."""
-        self._rows, self._write, self._mask = rows, None, None
+        self._rows, self._write, self._mask, self.previous = rows, None, None, None
         self.positions = torch.arange(length, device=device)
 
-    def decode_uniform(self, rows: slice, pos: int, device) -> None:
+    def decode_uniform(self, rows: slice, pos: int, device, previous: torch.Tensor | None = None) -> None:
         """The next forward adds one token per row, every row at position `pos`: a slice write
-        and no mask (the cheap path of plain batched sampling)."""
+        and no mask (the cheap path of plain batched sampling). `previous` (B,): the token
+        before each row's new one (-1: none), for a model with a bigram input."""
         self._rows, self._write, self._mask, self._t_k = rows, pos, None, pos + 1
+        self.previous = None if previous is None else previous[:, None]
         self.positions = torch.tensor([pos], device=device)
 
-    def decode(self, rows: slice, positions: torch.Tensor, t_k: int) -> None:
+    def decode(self, rows: slice, positions: torch.Tensor, t_k: int, previous: torch.Tensor | None = None) -> None:
         """The next forward adds one token per row at `positions` (B,); each row attends to its
-        own keys 0..position, within the first `t_k` of the block."""
+        own keys 0..position, within the first `t_k` of the block. `previous`: as decode_uniform."""
         self._rows, self._t_k = rows, t_k
+        self.previous = None if previous is None else previous[:, None]
         self.positions = positions[:, None]  # (B, 1)
         n_head, head_size = self.k[0].shape[1], self.k[0].shape[3]
         self._write = positions.view(-1, 1, 1, 1).expand(-1, n_head, 1, head_size)
@@ -252,19 +256,21 @@ class DecodeEngine:
         # last one of a full slot, which is refilled right after): nothing they hold is touched.
         ids = [tokens.get(s, 0) for s in range(end)]
         pos = [min(len(self.context[s]) - (s in tokens), self.block_size - 1) for s in range(end)]
+        # The token before each new one (the context already ends with the new one); -1: none.
+        prev = [self.context[s][-2] if s in tokens and len(self.context[s]) > 1 else -1 for s in range(end)]
         if self.graphs:
-            return self._graph_step(ids, pos)
+            return self._graph_step(ids, pos, prev)
+        tensor = functools.partial(torch.tensor, device=self.device)
         if self.static:
-            return self._decode_forward(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
-                                        self.block_size)
+            return self._decode_forward(tensor(ids), tensor(pos), self.block_size, tensor(prev))
         if len(slots) == end and len(set(pos)) == 1:  # slots 0..end-1 all step, at one position
-            self.cache.decode_uniform(slice(0, end), pos[0], self.device)
-            return self._one_token(torch.tensor(ids, device=self.device))
+            self.cache.decode_uniform(slice(0, end), pos[0], self.device, tensor(prev))
+            return self._one_token(tensor(ids))
         t_k = max(pos[s] for s in slots) + 1
-        return self._decode_forward(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), t_k)
+        return self._decode_forward(tensor(ids), tensor(pos), t_k, tensor(prev))
 
-    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, t_k: int) -> torch.Tensor:
-        self.cache.decode(slice(0, len(ids)), pos, t_k)
+    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, t_k: int, prev: torch.Tensor) -> torch.Tensor:
+        self.cache.decode(slice(0, len(ids)), pos, t_k, prev)
         return self._one_token(ids)
 
     def _one_token(self, ids: torch.Tensor) -> torch.Tensor:
@@ -274,21 +280,23 @@ class DecodeEngine:
         with self.streamed:
             return self.model(ids[:, None], cache=self.cache)[0][:, -1].float()
 
-    def _graph_step(self, ids: list[int], pos: list[int]) -> torch.Tensor:
+    def _graph_step(self, ids: list[int], pos: list[int], prev: list[int]) -> torch.Tensor:
         """The CUDA decoding step: captured once as a graph over static inputs, then replayed."""
         if self._graph is None:
             self._ids = torch.tensor(ids, device=self.device)
             self._pos = torch.tensor(pos, device=self.device)
+            self._prev = torch.tensor(prev, device=self.device)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the graph (allocations, autotuning)
                 for _ in range(2):
-                    self._decode_forward(self._ids, self._pos, self.block_size)
+                    self._decode_forward(self._ids, self._pos, self.block_size, self._prev)
             torch.cuda.current_stream().wait_stream(side)
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
-                self._logits = self._decode_forward(self._ids, self._pos, self.block_size)
+                self._logits = self._decode_forward(self._ids, self._pos, self.block_size, self._prev)
         self._ids.copy_(torch.tensor(ids), non_blocking=True)
         self._pos.copy_(torch.tensor(pos), non_blocking=True)
+        self._prev.copy_(torch.tensor(prev), non_blocking=True)
         self._graph.replay()
         return self._logits

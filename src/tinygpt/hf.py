@@ -52,7 +52,8 @@ FROM_HF_ACTIVATION = {"relu": "relu", "gelu": "gelu", "gelu_python": "gelu", "ge
                       "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_python_tanh": "gelu_tanh"}
 
 # Settings GPT2LMHeadModel has no place for, with the value it needs.
-GPT2_ARCHITECTURE = {"pos_emb": "learned", "norm": "layernorm", "qk_norm": False, "logit_softcap": 0.0}
+GPT2_ARCHITECTURE = {"pos_emb": "learned", "norm": "layernorm", "qk_norm": False, "logit_softcap": 0.0,
+                     "bigram_embed": False}
 
 # GPT-2's config.json defaults (transformers' GPT2Config), for keys a file leaves out.
 GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
@@ -94,8 +95,8 @@ def check_exportable(cfg: ModelConfig, run: Path) -> None:
         off.append(f"activation={cfg.activation!r}")
     if off:
         raise UserError(f"{run} uses {', '.join(off)}, which GPT-2 has no place for; only runs with learned "
-                        "positions, LayerNorm, relu, gelu or gelu_tanh, no qk_norm and no logit soft-cap export to "
-                        "transformers")
+                        "positions, LayerNorm, relu, gelu or gelu_tanh, no qk_norm, no logit soft-cap and no bigram "
+                        "input export to transformers")
 
 
 def fold_head_bias(weight: torch.Tensor, head_bias: torch.Tensor, ln_bias: torch.Tensor) -> torch.Tensor | str:

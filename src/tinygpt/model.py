@@ -12,7 +12,8 @@ options add (rotary positions, norms). How attention and dropout are computed fa
 `kernels.py`; the key/value cache for generation is in `engine.py`.
 
 The lecture's architecture is the default; a few small options (rotary positions, RMSNorm,
-QK-norm, squared ReLU, tied embeddings) are switched on by `ModelConfig` fields for the presets.
+QK-norm, squared ReLU, tied embeddings, a bigram input, soft-capped logits) are switched on by
+`ModelConfig` fields for the presets.
 
 Shapes in comments: B batch, T time (positions), C channels (n_embd), nh heads, hs head size.
 """
@@ -170,6 +171,9 @@ class GPTLanguageModel(LanguageModel):
                 nn.init.zeros_(block.mlp.c_proj.weight)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding_table.weight
+        if config.bigram_embed:  # zero, drawing no random numbers: the same seed gives the same model as without it
+            rows = bigram_rows(config.vocab_size)
+            self.bigram_embedding_table = nn.Embedding(rows, config.n_embd, _weight=torch.zeros(rows, config.n_embd))
         self.set_attention(config.attention if config.attention != "auto" else "manual")
 
     def _init_weights(self, module):
@@ -194,6 +198,9 @@ class GPTLanguageModel(LanguageModel):
         else:
             positions = cache.positions  # (T,) or, one token per row, (B, 1)
         x = self.token_embedding_table(idx)  # (B, T, C)
+        if self.config.bigram_embed:
+            previous = previous_tokens(idx, cache)  # (B, T): the token before each, -1 for none
+            x = x + self.bigram_embedding_table(bigram_index(previous, idx, self.config.vocab_size))
         if self.rope is None:
             x = x + self.position_embedding_table(positions)  # (T, C) or (B, 1, C), broadcast
         for block in self.blocks:
@@ -256,6 +263,42 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin[positions].view(shape).to(x.dtype)
         swapped = torch.cat([x[..., hs // 2 :], x[..., : hs // 2]], dim=-1)
         return x * cos + swapped * sin
+
+
+def bigram_rows(vocab_size: int) -> int:
+    """Rows of the bigram table: one per (previous token or none, token) pair, at most 65,536."""
+    return min((vocab_size + 1) * vocab_size, BIGRAM_MAX_ROWS)
+
+
+BIGRAM_MAX_ROWS = 65536  # every pair of a vocabulary of up to 255 tokens gets its own row
+
+
+def bigram_index(previous: torch.Tensor, idx: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The bigram table's row for each (previous, token): exact for a small vocabulary; past
+    BIGRAM_MAX_ROWS pairs share rows by a modulo hash. `previous` is -1 where there is none."""
+    return ((previous + 1) * vocab_size + idx) % bigram_rows(vocab_size)
+
+
+def previous_tokens(idx: torch.Tensor, cache=None) -> torch.Tensor:
+    """The token before each of `idx` (B, T): within the forward's tokens, and, for a decode step
+    (one token a row, continuing the cache), the one the cache remembers. The first token of a
+    window has none (-1), in training and generation alike."""
+    if cache is not None and cache.previous is not None:
+        return cache.previous  # (B, 1)
+    none = torch.full_like(idx[:, :1], -1)
+    return torch.cat([none, idx[:, :-1]], dim=1)
+
+
+def regrow_bigram(saved: torch.Tensor, old_vocab: int, new_vocab: int) -> torch.Tensor:
+    """A bigram table trained with `old_vocab` tokens, laid out for `new_vocab` (a grown
+    vocabulary): each old pair keeps its vector, pairs with a new token start at zero. Hashed
+    tables (past BIGRAM_MAX_ROWS) are returned as they are."""
+    grown = saved.new_zeros(bigram_rows(new_vocab), saved.shape[1])
+    if bigram_rows(old_vocab) == BIGRAM_MAX_ROWS or bigram_rows(new_vocab) == BIGRAM_MAX_ROWS:
+        return saved if len(saved) == len(grown) else grown
+    old = saved.view(old_vocab + 1, old_vocab, -1)
+    grown.view(new_vocab + 1, new_vocab, -1)[: old_vocab + 1, :old_vocab] = old
+    return grown
 
 
 def make_norm(config: ModelConfig) -> nn.Module:

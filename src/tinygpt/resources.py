@@ -141,6 +141,10 @@ def param_count(m) -> int:
     attn = 3 * c * c + (c * c + c)  # fused q/k/v without bias, output projection with
     mlp = (4 * c * c + 4 * c) + (4 * c * c + c)
     n = v * c + (t * c if m.pos_emb == "learned" else 0) + m.n_layer * (2 * norm + attn + mlp) + norm
+    if m.bigram_embed:
+        from tinygpt.model import bigram_rows
+
+        n += bigram_rows(v) * c
     return n + (0 if m.tie_embeddings else v * c) + v  # the head's weight (unless tied) and bias
 
 
