@@ -363,7 +363,7 @@ def load_weights(path: Path, model: torch.nn.Module, grown: bool = False) -> Non
         own = model.state_dict()
         for name, tensor in state.items():
             if name == "bigram_embedding_table.weight" and name in own and own[name].shape != tensor.shape:
-                old_vocab = round(((1 + 4 * len(tensor)) ** 0.5 - 1) / 2)  # rows = (V + 1) V
+                old_vocab = len(state["token_embedding_table.weight"])  # the saved model's vocabulary
                 state[name] = regrow_bigram(tensor, old_vocab, model.config.vocab_size)
             elif name in own and own[name].shape != tensor.shape and own[name].dim() == tensor.dim() and all(
                 a >= b for a, b in zip(own[name].shape, tensor.shape)
