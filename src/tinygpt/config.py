@@ -156,8 +156,8 @@ class TrainConfig:
         0, "Muon's momentum goes linearly from 0.85 to --muon-momentum over this many first steps (modded-nanogpt's "
         "warm-up; 0 = off)", ge=0)
     embed_lr_mult: float = setting(
-        1.0, "the token and position embeddings learn at this multiple of --learning-rate (modded-nanogpt gives "
-        "embeddings a far higher rate than the head)", gt=0)
+        1.0, "the embedding tables (token, position, bigram) learn at this multiple of --learning-rate "
+        "(modded-nanogpt gives embeddings a far higher rate than the head)", gt=0)
     weight_decay: float = setting(0.01, "AdamW weight decay on matrices (not biases, norms, embeddings); Muon's "
                                   "decoupled weight decay too", ge=0)
     beta1: float = setting(0.9, "AdamW beta1", ge=0, lt=1)
