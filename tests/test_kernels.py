@@ -1,14 +1,19 @@
-"""The fast paths compute what the plain paths compute: the CPU dropout masks, the attention
-kernels against the lecture's reference, and bfloat16 against float32. (Speed itself is measured
+"""The fast paths compute what the plain paths compute: the CPU dropout masks, the hand-written
+gradients against autograd's, the attention kernels against the lecture's reference, and
+bfloat16 against float32. (Speed itself is measured
 by `tinygpt bench`.)"""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import tiny_configs
 
 from tinygpt.config import ModelConfig
-from tinygpt.kernels import dropout, dropout_mask, kept_fraction, mask_bits, reference_attention
-from tinygpt.model import GPTLanguageModel
+from tinygpt.kernels import dropout, dropout_mask, kept_fraction, mask_bits, reference_attention, relu2
+from tinygpt.model import GPTLanguageModel, RotaryEmbedding
 from tinygpt.runs import read_metrics
 from tinygpt.runtime import cpu_bf16_speedup, resolve_dtype
 from tinygpt.train import train
@@ -48,6 +53,77 @@ def test_fast_dropout_is_seeded():
     b = dropout(torch.ones(1000), 0.3)
     assert torch.equal(a, b)
 
+
+
+# --- hand-written gradients -------------------------------------------------------------------------
+
+
+def value_and_grad(fn, x, grad):
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    out.backward(grad)
+    return out, x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu2_is_the_composite_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 64).to(dtype)
+    x[0, 0, :8] = 0.0  # relu's kink: no gradient through it, either way
+    grad = torch.randn(4, 8, 64).to(dtype)
+    out, gx = value_and_grad(relu2, x, grad)
+    ref_out, ref_gx = value_and_grad(lambda t: torch.relu(t).square(), x, grad)
+    assert out.dtype == gx.dtype == dtype
+    assert torch.equal(out, ref_out) and torch.equal(gx, ref_gx)
+    assert (gx[x <= 0] == 0).all() and gx.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared-positions", "per-row-positions"])
+def test_rotary_gradient_is_autograds_bit_for_bit(dtype, per_row):
+    rope = RotaryEmbedding(head_size=16, max_len=32)
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 2, 4, 16).to(dtype)  # (B, T, q and k, nh, hs), as attention calls it
+    grad = torch.randn_like(x)
+    positions = torch.randint(0, 32, (3, 10)) if per_row else torch.arange(5, 15)
+
+    def composite(t):  # the rotation spelled out, differentiated by autograd
+        shape = positions.shape + (1,) * (t.dim() - 3) + (16,)
+        cos, sin = (b[positions].view(shape).to(dtype) for b in (rope.cos, rope.sin))
+        return t * cos + torch.cat([t[..., 8:], t[..., :8]], -1) * sin
+
+    out, gx = value_and_grad(lambda t: rope(t, positions), x, grad)
+    ref_out, ref_gx = value_and_grad(composite, x, grad)
+    assert torch.equal(out, ref_out) and torch.equal(gx, ref_gx)
+    with torch.no_grad():  # generation takes the plain path: the same numbers
+        assert torch.equal(rope(x, positions), ref_out)
+    if dtype == torch.float32:  # a rotation: its gradient is the rotation backwards, norms kept
+        torch.testing.assert_close(gx.norm(dim=-1), grad.norm(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qk_norm_and_rotation_match_the_two_ops(dtype):
+    rope = RotaryEmbedding(head_size=16, max_len=32)
+    torch.manual_seed(0)
+    x = (3 * torch.randn(3, 10, 2, 4, 16)).to(dtype)
+    grad = torch.randn_like(x)
+    positions = torch.arange(3, 13)
+
+    def two_ops(t):  # QK-norm, then the rotation, as separate autograd ops in t's dtype
+        return rope(torch.nn.functional.rms_norm(t, (16,)), positions)
+
+    out, gx = value_and_grad(lambda t: rope(t, positions, norm=True), x, grad)
+    ref_out, ref_gx = value_and_grad(two_ops, x.double(), grad.double())  # the exact figures
+    assert out.dtype == gx.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # float32: exact to rounding; bf16: rounded once
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(gx.double(), ref_gx, atol=tol, rtol=tol)
+    if dtype == torch.bfloat16:  # no worse than the two ops computed in bf16
+        two, two_gx = value_and_grad(two_ops, x, grad)
+        assert (out.double() - ref_out).abs().max() <= (two.double() - ref_out).abs().max()
+        assert (gx.double() - ref_gx).abs().max() <= (two_gx.double() - ref_gx).abs().max()
+    torch.testing.assert_close(out.double().norm(dim=-1), torch.full(out.shape[:-1], 4.0, dtype=torch.double),
+                               atol=0.02, rtol=0)  # unit RMS over 16 features: norm 4, kept by the rotation
 
 # --- attention kernels ----------------------------------------------------------------------------------
 
@@ -132,3 +208,41 @@ def test_threads_auto_leaves_the_busy_cores(monkeypatch, busy, cores, want):
         assert rt.resolve_threads("auto", torch.device("cpu")) is None  # the user's OMP_NUM_THREADS decides
     finally:
         torch.set_num_threads(before)
+
+
+FAULTS_PER_STEP = """
+import resource, sys, torch
+from tinygpt.config import ModelConfig
+from tinygpt.model import GPTLanguageModel
+from tinygpt.runtime import keep_freed_memory
+applied = keep_freed_memory()
+torch.manual_seed(0)
+m = GPTLanguageModel(ModelConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=128, activation="relu2"))
+opt = torch.optim.SGD(m.parameters(), lr=0.01)
+x = torch.randint(0, 65, (32, 64))
+def step(size):  # the activations' sizes change from step to step, as they do between train and eval
+    _, loss = m(x[:size], x[:size])
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+for size in (32, 8) * 4:  # the heap grows to what the steps need
+    step(size)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for size in (32, 8) * 5:
+    step(size)
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux")
+def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in(tmp_path):
+    """With keep_freed_memory a step's activations reuse the last step's pages; glibc's default
+    hands large freed blocks back to the kernel, and each is faulted in (and zeroed) again."""
+    runs = {}
+    for keep in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP], capture_output=True, text=True, check=True,
+                             env={**os.environ, "TINYGPT_KEEP_FREED_MEMORY": keep, "OMP_NUM_THREADS": "1"})
+        applied, faults = out.stdout.split()
+        runs[keep] = (applied == "True", float(faults))
+    assert runs["1"][0] and not runs["0"][0]
+    assert runs["1"][1] * 5 < runs["0"][1], runs  # pages faulted in per step: kept vs handed back

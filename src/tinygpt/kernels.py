@@ -1,4 +1,5 @@
-"""The fast paths under the model: CPU dropout masks and the attention kernels.
+"""The fast paths under the model: CPU dropout masks, elementwise ops with hand-written
+gradients, and the attention kernels.
 
 `model.py` says *what* is computed (the lecture's architecture); this file says *how*, on each
 device, quickly. Every kernel computes the lecture's attention, which `reference_attention`
@@ -68,6 +69,104 @@ class Dropout(nn.Dropout):
 
     def forward(self, x):
         return dropout(x, self.p, self.training)
+
+
+# --- elementwise ops with a hand-written backward ---------------------------------------------
+#
+# On a CPU a small model's step is mostly elementwise passes over its activations, and autograd
+# spends several passes on the backward of a composite op. These compute the same numbers as the
+# composite (tests check them bit for bit) with fewer passes.
+
+
+class _Relu2(torch.autograd.Function):
+    """relu(x)^2 saving only relu(x); the gradient 2 relu(x) g is two passes (autograd: five)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return (grad * r).mul_(2.0)  # doubling is exact: the same numbers as grad * (2 r)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU, `F.relu(x).square()`, with a cheaper backward (compiled: the composite)."""
+    if torch.compiler.is_compiling():
+        return F.relu(x).square()
+    return _Relu2.apply(x)
+
+
+class _Rotate(torch.autograd.Function):
+    """x cos + swap_halves(x) sin: a rotation of each feature pair, whose gradient is the same
+    rotation backwards, g cos + swap_halves(g) back_sin (autograd: eight passes, here four)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, back_sin):
+        ctx.save_for_backward(cos, back_sin)
+        return x * cos + swap_halves(x) * sin
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, back_sin = ctx.saved_tensors
+        return grad * cos + swap_halves(grad) * back_sin, None, None, None
+
+
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """The last dimension's two halves swapped: (x1, x2) -> (x2, x1)."""
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., half:], x[..., :half]], dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, back_sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + swap_halves(x) * sin` (cos, sin broadcast against x); `back_sin` is sin with
+    its halves swapped and negated, which turns the rotation back in the gradient."""
+    if torch.compiler.is_compiling() or not (x.requires_grad and torch.is_grad_enabled()):
+        return x * cos + swap_halves(x) * sin
+    return _Rotate.apply(x, cos, sin, back_sin)
+
+
+class _NormRotate(torch.autograd.Function):
+    """RMS-normalise each vector of x's last dimension (QK-norm, no weight), then rotate it:
+    computed in float32 and rounded once to x's dtype. Saves the normalised x and the scales."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, back_sin):
+        x32 = x.float()
+        eps = torch.finfo(x32.dtype).eps  # F.rms_norm's: that of the float type it computes in
+        scale = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        n = x32 * scale
+        ctx.save_for_backward(n, scale, cos, back_sin)
+        return _rotate_halves(n, cos, sin).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, scale, cos, back_sin = ctx.saved_tensors
+        g = grad.float()
+        g = _rotate_halves(g, cos, back_sin)  # the rotation backwards
+        # through y = n * scale, n = x / rms(x): dx = scale (g - n mean(g n))
+        dot = torch.linalg.vecdot(g, n, dim=-1).unsqueeze(-1).div_(n.shape[-1])
+        return torch.addcmul(g, n, dot, value=-1.0).mul_(scale).to(grad.dtype), None, None, None
+
+
+def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + swap_halves(x) * sin, each half's sine term added in place (no swapped copy)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half])
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
+def norm_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, back_sin: torch.Tensor) -> torch.Tensor:
+    """`rotate(F.rms_norm(x, (hs,)), cos, sin, back_sin)` in one step: the QK-norm and the rotary
+    positions of queries and keys, fewer passes forward and half the backward's."""
+    if torch.compiler.is_compiling():
+        return rotate(F.rms_norm(x, (x.shape[-1],)), cos, sin, back_sin)
+    return _NormRotate.apply(x, cos, sin, back_sin)
 
 
 # --- attention -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinygpt.config import ModelConfig
-from tinygpt.kernels import KERNELS, Dropout, attention
+from tinygpt.kernels import KERNELS, Dropout, attention, norm_rotate, relu2, rotate
 
 
 class LanguageModel(nn.Module):
@@ -90,10 +90,10 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_size)  # (B, T, 3, nh, hs)
         qk, v = qkv[:, :, :2], qkv[:, :, 2]  # queries and keys get the same treatment, at once
-        if self.config.qk_norm:
-            qk = F.rms_norm(qk, (self.head_size,))
         if rope is not None:
-            qk = rope(qk, positions)
+            qk = rope(qk, positions, norm=self.config.qk_norm)  # QK-norm (if on), then the rotation
+        elif self.config.qk_norm:
+            qk = F.rms_norm(qk, (self.head_size,))
         q, k = qk.unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         mask = None
@@ -118,7 +118,7 @@ class MLP(nn.Module):
     def forward(self, x):
         x = self.c_fc(x)  # (B, T, 4C)
         if self.activation == "relu2":
-            x = F.relu(x).square()
+            x = relu2(x)  # F.relu(x).square(), with a cheaper backward
         elif self.activation == "gelu":
             x = F.gelu(x)
         elif self.activation == "gelu_tanh":  # GPT-2's GELU
@@ -254,15 +254,19 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (max_len, hs/2)
         self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], -1), persistent=False)
         self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], -1), persistent=False)
+        # the rotation backwards (its gradient): sin with halves swapped and negated
+        self.register_buffer("back_sin", torch.cat([angles.sin(), -angles.sin()], -1), persistent=False)
 
-    def forward(self, x, positions):
-        """x: (B, T, ..., hs); positions: (T,) for every row, or (B, T) per row."""
+    def forward(self, x, positions, norm: bool = False):
+        """x: (B, T, ..., hs); positions: (T,) for every row, or (B, T) per row. With `norm`, x
+        is RMS-normalised first (QK-norm), fused with the rotation."""
         hs = x.shape[-1]
         shape = positions.shape + (1,) * (x.dim() - 3) + (hs,)  # (T, 1, .., hs) or (B, T, 1, .., hs)
-        cos = self.cos[positions].view(shape).to(x.dtype)
-        sin = self.sin[positions].view(shape).to(x.dtype)
-        swapped = torch.cat([x[..., hs // 2 :], x[..., : hs // 2]], dim=-1)
-        return x * cos + swapped * sin
+        cos, sin, back_sin = (t[positions].view(shape) for t in (self.cos, self.sin, self.back_sin))
+        if norm:  # computed in float32
+            return norm_rotate(x, cos, sin, back_sin)  # rotate(F.rms_norm(x, (hs,)), ...)
+        cos, sin, back_sin = cos.to(x.dtype), sin.to(x.dtype), back_sin.to(x.dtype)
+        return rotate(x, cos, sin, back_sin)  # x * cos + swap_halves(x) * sin
 
 
 def bigram_rows(vocab_size: int) -> int:

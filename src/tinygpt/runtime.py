@@ -11,9 +11,13 @@
 - attention kernel: on CUDA, PyTorch's fused `scaled_dot_product_attention`; on CPU, the plain
   matmul-softmax-matmul, which measured faster there for the head sizes and blocks of these
   models (forward and backward; see `tinygpt bench`).
+Also here: CPU threads (`resolve_threads`) and the C allocator's settings for training
+(`keep_freed_memory`).
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import os
 import time
@@ -209,3 +213,31 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit machines
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory a training step frees for the next step to reuse.
+
+    By default it hands large blocks (activations, gradients) back to the kernel when they are
+    freed, so the next step's first touch of each page faults and the kernel zeroes it: a quarter
+    of a `cpu-quick` step, a tenth of a `cpu-10min` one, on the Xeon here
+    (`benchmarks/cpu_allocator.py`). Blocks up to 32 MiB then come from the heap, which is not
+    trimmed below 1 GiB of free space. The numbers computed are unchanged; the process keeps
+    its peak memory. Returns whether it applied: glibc only (not macOS, not musl), and not
+    with TINYGPT_KEEP_FREED_MEMORY=0 (how the benchmark measures the difference)."""
+    if os.environ.get("TINYGPT_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        if not ctypes.CDLL(None).gnu_get_libc_version:  # glibc's own symbol: its parameters are known
+            return False
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in
+               ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))

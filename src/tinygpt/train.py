@@ -32,7 +32,15 @@ from tinygpt.evaluate import estimate_loss, final_eval, final_eval_batch
 from tinygpt.model import build_model
 from tinygpt.optim import clip_grad_norm, fit_horizon, lr_at, make_optimizer, momentum_at, set_lr, set_momentum
 from tinygpt.progress import Progress, time_probe
-from tinygpt.runtime import autocast, grad_scaler, resolve_attention, resolve_device, resolve_dtype, resolve_threads
+from tinygpt.runtime import (
+    autocast,
+    grad_scaler,
+    keep_freed_memory,
+    resolve_attention,
+    resolve_device,
+    resolve_dtype,
+    resolve_threads,
+)
 from tinygpt.sampling import sample_text
 from tinygpt.stopping import Interrupted, SignalStop, Stopped, let_signals_in, random_state
 
@@ -263,6 +271,8 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
     kernel = resolve_attention(model_cfg.attention, device)
     resources.check_training_fits(model_cfg, cfg.batch_size, cfg.grad_accum, dtype, device, kernel)
     _use_threads(cfg, device, note)  # said here, once the input is known to be good
+    if device.type == "cpu":
+        keep_freed_memory()  # each step reuses the last one's memory: no page faults
 
     torch.manual_seed(cfg.seed)
     with resources.memory_guard(lambda: _out_of_memory("build", 0, None, None, cfg, model_cfg, device, dtype)):
