@@ -4,6 +4,7 @@ bfloat16 against float32. (Speed itself is measured
 by `tinygpt bench`.)"""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -234,7 +235,7 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 1
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings: Linux with glibc only")
 def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in(tmp_path):
     """With keep_freed_memory a step's activations reuse the last step's pages; glibc's default
     hands large freed blocks back to the kernel, and each is faulted in (and zeroed) again."""
