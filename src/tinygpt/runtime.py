@@ -224,9 +224,9 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep the memory a training step frees for the next step to reuse.
 
     By default it hands large blocks (activations, gradients) back to the kernel when they are
-    freed, so the next step's first touch of each page faults and the kernel zeroes it: a quarter
-    of a `cpu-quick` step, a tenth of a `cpu-10min` one, on the Xeon here
-    (`benchmarks/cpu_allocator.py`). Blocks up to 32 MiB then come from the heap, which is not
+    freed, so the next step's first touch of each page faults and the kernel zeroes it: ~20,000
+    page faults a `cpu-10min` step, about 3% of its time on the Xeon here
+    (`benchmarks/cpu_step.py`). Blocks up to 32 MiB then come from the heap, which is not
     trimmed below 1 GiB of free space. The numbers computed are unchanged; the process keeps
     its peak memory. Returns whether it applied: glibc only (not macOS, not musl), and not
     with TINYGPT_KEEP_FREED_MEMORY=0 (how the benchmark measures the difference)."""

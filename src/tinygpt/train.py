@@ -272,7 +272,7 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
     resources.check_training_fits(model_cfg, cfg.batch_size, cfg.grad_accum, dtype, device, kernel)
     _use_threads(cfg, device, note)  # said here, once the input is known to be good
     if device.type == "cpu":
-        keep_freed_memory()  # each step reuses the last one's memory: no page faults
+        keep_freed_memory()  # each step reuses the memory the last one freed: no page faults for it
 
     torch.manual_seed(cfg.seed)
     with resources.memory_guard(lambda: _out_of_memory("build", 0, None, None, cfg, model_cfg, device, dtype)):
