@@ -466,17 +466,22 @@ def test_ctrl_c_stops_a_reply_not_the_chat_in_a_terminal(base_run, tmp_path):
     train(m, t, **QUIET)
     pid, fd = pty.fork()
     if pid == 0:  # the child: tinygpt chat on the pty
-        # as in a terminal: Ctrl-C interrupts (a suite started in the background, `... &`, ignores
-        # SIGINT, and an ignored signal stays ignored across exec, so no KeyboardInterrupt)
+        # as in a terminal: Ctrl-C interrupts. A suite started in the background (`... &`) has
+        # SIGINT ignored, and an ignored or blocked signal stays so across exec: no KeyboardInterrupt.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.execv(sys.executable, [sys.executable, "-m", "tinygpt", "chat", "--ckpt", str(tmp_path / "ft"),
                                   "--max-new-tokens", "4000", "--temperature", "0"])
     seen = bytearray()
 
+    def child_signals() -> list[str]:  # what a failure needs to say: is SIGINT ignored or blocked there?
+        status = Path(f"/proc/{pid}/status")
+        return [line for line in status.read_text().splitlines() if line.startswith("Sig")] if status.exists() else []
+
     def wait_for(done, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while not done():
-            assert time.monotonic() < deadline, bytes(seen[-500:])
+            assert time.monotonic() < deadline, (bytes(seen[-500:]), child_signals())
             if select.select([fd], [], [], 0.1)[0]:
                 seen.extend(os.read(fd, 4096))
 
