@@ -165,7 +165,7 @@ def norm_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, back_sin:
     """`rotate(F.rms_norm(x, (hs,)), cos, sin, back_sin)` in one step: the QK-norm and the rotary
     positions of queries and keys, fewer passes forward and half the backward's."""
     if torch.compiler.is_compiling():
-        return rotate(F.rms_norm(x, (x.shape[-1],)), cos, sin, back_sin)
+        return rotate(F.rms_norm(x, (x.shape[-1],)), cos, sin, back_sin).to(x.dtype)  # cos, sin: float32
     return _NormRotate.apply(x, cos, sin, back_sin)
 
 

@@ -17,7 +17,6 @@ Also here: CPU threads (`resolve_threads`) and the C allocator's settings for tr
 
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import os
 import time
@@ -233,11 +232,10 @@ def keep_freed_memory() -> bool:
     if os.environ.get("TINYGPT_KEEP_FREED_MEMORY", "1") == "0":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        if not ctypes.CDLL(None).gnu_get_libc_version:  # glibc's own symbol: its parameters are known
-            return False
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(None)  # the C library this process runs on
+    except (OSError, TypeError):  # TypeError: Windows has no such handle
         return False
-    return all(mallopt(param, value) == 1 for param, value in
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc's own symbol: its mallopt parameters are known
+        return False
+    return all(libc.mallopt(param, value) == 1 for param, value in
                ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
