@@ -27,13 +27,13 @@ import torch.nn.functional as F
 import tinygpt.model as M
 from tinygpt.kernels import swap_halves
 
-def composite_norm_rotate(x, cos, sin, back_sin):
+def composite_norm_rotate(x, cos, sin):
     n = F.rms_norm(x, (x.shape[-1],))
     return n * cos.to(n.dtype) + swap_halves(n) * sin.to(n.dtype)
 
 if sys.argv[1] == "composite":
     M.relu2 = lambda x: F.relu(x).square()
-    M.rotate = lambda x, cos, sin, back_sin: x * cos + swap_halves(x) * sin
+    M.rotate = lambda x, cos, sin: x * cos + swap_halves(x) * sin
     M.norm_rotate = composite_norm_rotate
 from tinygpt.cli import main
 sys.exit(main(sys.argv[2:]))

@@ -181,6 +181,7 @@ class DecodeEngine:
         cuda = self.device.type == "cuda"
         self.static = self.cache is not None and (cuda if static is None else static)
         self.graphs = self.static and cuda
+        self.bigram = getattr(model.config, "bigram_embed", False)  # a decode step needs each row's previous token
         self._graph = None
         cpu_fp32 = self.device.type == "cpu" and self.cache is not None and self.cache.k[0].dtype == torch.float32
         self.streamed = StreamedLinears(model) if cpu_fp32 else None  # decode steps only (see the docstring)
@@ -256,11 +257,16 @@ class DecodeEngine:
         # last one of a full slot, which is refilled right after): nothing they hold is touched.
         ids = [tokens.get(s, 0) for s in range(end)]
         pos = [min(len(self.context[s]) - (s in tokens), self.block_size - 1) for s in range(end)]
-        # The token before each new one (the context already ends with the new one); -1: none.
-        prev = [self.context[s][-2] if s in tokens and len(self.context[s]) > 1 else -1 for s in range(end)]
+        # A bigram input needs the token before each new one (the context already ends with the
+        # new one); -1: none.
+        prev = [self.context[s][-2] if s in tokens and len(self.context[s]) > 1 else -1
+                for s in range(end)] if self.bigram else None
         if self.graphs:
             return self._graph_step(ids, pos, prev)
-        tensor = functools.partial(torch.tensor, device=self.device)
+
+        def tensor(values: list[int] | None) -> torch.Tensor | None:
+            return None if values is None else torch.tensor(values, device=self.device)
+
         if self.static:
             return self._decode_forward(tensor(ids), tensor(pos), self.block_size, tensor(prev))
         if len(slots) == end and len(set(pos)) == 1:  # slots 0..end-1 all step, at one position
@@ -269,7 +275,8 @@ class DecodeEngine:
         t_k = max(pos[s] for s in slots) + 1
         return self._decode_forward(tensor(ids), tensor(pos), t_k, tensor(prev))
 
-    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, t_k: int, prev: torch.Tensor) -> torch.Tensor:
+    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, t_k: int,
+                        prev: torch.Tensor | None) -> torch.Tensor:
         self.cache.decode(slice(0, len(ids)), pos, t_k, prev)
         return self._one_token(ids)
 
@@ -280,12 +287,12 @@ class DecodeEngine:
         with self.streamed:
             return self.model(ids[:, None], cache=self.cache)[0][:, -1].float()
 
-    def _graph_step(self, ids: list[int], pos: list[int], prev: list[int]) -> torch.Tensor:
+    def _graph_step(self, ids: list[int], pos: list[int], prev: list[int] | None) -> torch.Tensor:
         """The CUDA decoding step: captured once as a graph over static inputs, then replayed."""
         if self._graph is None:
             self._ids = torch.tensor(ids, device=self.device)
             self._pos = torch.tensor(pos, device=self.device)
-            self._prev = torch.tensor(prev, device=self.device)
+            self._prev = None if prev is None else torch.tensor(prev, device=self.device)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the graph (allocations, autotuning)
@@ -297,6 +304,7 @@ class DecodeEngine:
                 self._logits = self._decode_forward(self._ids, self._pos, self.block_size, self._prev)
         self._ids.copy_(torch.tensor(ids), non_blocking=True)
         self._pos.copy_(torch.tensor(pos), non_blocking=True)
-        self._prev.copy_(torch.tensor(prev), non_blocking=True)
+        if prev is not None:
+            self._prev.copy_(torch.tensor(prev), non_blocking=True)
         self._graph.replay()
         return self._logits

@@ -102,17 +102,18 @@ def relu2(x: torch.Tensor) -> torch.Tensor:
 
 class _Rotate(torch.autograd.Function):
     """x cos + swap_halves(x) sin: a rotation of each feature pair, whose gradient is the same
-    rotation backwards, g cos + swap_halves(g) back_sin (autograd: eight passes, here four)."""
+    rotation backwards, g cos - swap_halves(g) sin (autograd: eight passes, here four)."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, back_sin):
-        ctx.save_for_backward(cos, back_sin)
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
         return x * cos + swap_halves(x) * sin
 
     @staticmethod
     def backward(ctx, grad):
-        cos, back_sin = ctx.saved_tensors
-        return grad * cos + swap_halves(grad) * back_sin, None, None, None
+        cos, sin = ctx.saved_tensors
+        # autograd's swap_halves(g sin) is swap_halves(g) * -sin (sin's halves are each other's negation)
+        return grad * cos - swap_halves(grad) * sin, None, None
 
 
 def swap_halves(x: torch.Tensor) -> torch.Tensor:
@@ -121,12 +122,12 @@ def swap_halves(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[..., half:], x[..., :half]], dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, back_sin: torch.Tensor) -> torch.Tensor:
-    """`x * cos + swap_halves(x) * sin` (cos, sin broadcast against x); `back_sin` is sin with
-    its halves swapped and negated, which turns the rotation back in the gradient."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + swap_halves(x) * sin`, cos and sin broadcast against x; sin's two halves are
+    each other's negation (-sin t, sin t), as rotary embeddings lay them out."""
     if torch.compiler.is_compiling() or not (x.requires_grad and torch.is_grad_enabled()):
         return x * cos + swap_halves(x) * sin
-    return _Rotate.apply(x, cos, sin, back_sin)
+    return _Rotate.apply(x, cos, sin)
 
 
 class _NormRotate(torch.autograd.Function):
@@ -134,39 +135,40 @@ class _NormRotate(torch.autograd.Function):
     computed in float32 and rounded once to x's dtype. Saves the normalised x and the scales."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, back_sin):
+    def forward(ctx, x, cos, sin):
         x32 = x.float()
         eps = torch.finfo(x32.dtype).eps  # F.rms_norm's: that of the float type it computes in
         scale = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         n = x32 * scale
-        ctx.save_for_backward(n, scale, cos, back_sin)
+        ctx.save_for_backward(n, scale, cos, sin)
         return _rotate_halves(n, cos, sin).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        n, scale, cos, back_sin = ctx.saved_tensors
+        n, scale, cos, sin = ctx.saved_tensors
         g = grad.float()
-        g = _rotate_halves(g, cos, back_sin)  # the rotation backwards
+        g = _rotate_halves(g, cos, sin, backwards=True)
         # through y = n * scale, n = x / rms(x): dx = scale (g - n mean(g n))
         dot = torch.linalg.vecdot(g, n, dim=-1).unsqueeze(-1).div_(n.shape[-1])
-        return torch.addcmul(g, n, dot, value=-1.0).mul_(scale).to(grad.dtype), None, None, None
+        return torch.addcmul(g, n, dot, value=-1.0).mul_(scale).to(grad.dtype), None, None
 
 
-def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + swap_halves(x) * sin, each half's sine term added in place (no swapped copy)."""
-    half = x.shape[-1] // 2
+def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwards: bool = False) -> torch.Tensor:
+    """x * cos + swap_halves(x) * sin (backwards: - swap_halves(x) * sin, the rotation undone),
+    each half's sine term added in place (no swapped copy)."""
+    half, sign = x.shape[-1] // 2, -1.0 if backwards else 1.0
     out = x * cos
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half])
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=sign)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
     return out
 
 
-def norm_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, back_sin: torch.Tensor) -> torch.Tensor:
-    """`rotate(F.rms_norm(x, (hs,)), cos, sin, back_sin)` in one step: the QK-norm and the rotary
+def norm_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate(F.rms_norm(x, (hs,)), cos, sin)` in one step: the QK-norm and the rotary
     positions of queries and keys, fewer passes forward and half the backward's."""
     if torch.compiler.is_compiling():
-        return rotate(F.rms_norm(x, (x.shape[-1],)), cos, sin, back_sin).to(x.dtype)  # cos, sin: float32
-    return _NormRotate.apply(x, cos, sin, back_sin)
+        return rotate(F.rms_norm(x, (x.shape[-1],)), cos, sin).to(x.dtype)  # cos, sin: float32
+    return _NormRotate.apply(x, cos, sin)
 
 
 # --- attention -----------------------------------------------------------------------------------

@@ -254,19 +254,16 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (max_len, hs/2)
         self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], -1), persistent=False)
         self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], -1), persistent=False)
-        # the rotation backwards (its gradient): sin with halves swapped and negated
-        self.register_buffer("back_sin", torch.cat([angles.sin(), -angles.sin()], -1), persistent=False)
 
     def forward(self, x, positions, norm: bool = False):
         """x: (B, T, ..., hs); positions: (T,) for every row, or (B, T) per row. With `norm`, x
         is RMS-normalised first (QK-norm), fused with the rotation."""
         hs = x.shape[-1]
         shape = positions.shape + (1,) * (x.dim() - 3) + (hs,)  # (T, 1, .., hs) or (B, T, 1, .., hs)
-        cos, sin, back_sin = (t[positions].view(shape) for t in (self.cos, self.sin, self.back_sin))
+        cos, sin = self.cos[positions].view(shape), self.sin[positions].view(shape)
         if norm:  # computed in float32
-            return norm_rotate(x, cos, sin, back_sin)  # rotate(F.rms_norm(x, (hs,)), ...)
-        cos, sin, back_sin = cos.to(x.dtype), sin.to(x.dtype), back_sin.to(x.dtype)
-        return rotate(x, cos, sin, back_sin)  # x * cos + swap_halves(x) * sin
+            return norm_rotate(x, cos, sin)  # rotate(F.rms_norm(x, (hs,)), cos, sin)
+        return rotate(x, cos.to(x.dtype), sin.to(x.dtype))  # x * cos + swap_halves(x) * sin
 
 
 def bigram_rows(vocab_size: int) -> int:
