@@ -9,19 +9,22 @@ import json
 
 import pytest
 import torch
-from conftest import assert_one_line_error, assert_same_weights, cli, losses_by_step, tiny_args
+from conftest import assert_one_line_error, assert_same_weights, cli, losses_by_step, tiny_args, tiny_configs, weights
+from safetensors.torch import load_file
 
+from tinygpt.checkpoint import checkpoint_dir
 from tinygpt.config import ModelConfig, TrainConfig
 from tinygpt.model import build_model
-from tinygpt.optim import MUON_MOMENTUM_START, momentum_at
+from tinygpt.optim import MUON_MOMENTUM_START, WeightAverage, momentum_at
+from tinygpt.train import train
 
 SMALL = dict(vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 
 
 def test_the_options_are_off_by_default():
     m, t = ModelConfig(), TrainConfig()
-    assert (m.logit_softcap, m.zero_init_proj, m.bigram_embed, t.muon_momentum_warmup, t.embed_lr_mult) == (
-        0.0, False, False, 0, 1.0)
+    assert (m.logit_softcap, m.zero_init_proj, m.bigram_embed, t.muon_momentum_warmup, t.embed_lr_mult,
+            t.ema_decay) == (0.0, False, False, 0, 1.0, 0.0)
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
@@ -80,7 +83,7 @@ def test_embeddings_learn_at_their_own_rate_only_when_asked():
 
 
 ALL_ON = dict(optimizer="muon", logit_softcap=15.0, zero_init_proj=True, muon_momentum_warmup=8, dropout=0.1,
-              embed_lr_mult=3.0, bigram_embed=True,
+              embed_lr_mult=3.0, bigram_embed=True, ema_decay=0.5,
               batch_size=8, eval_iters=2, attention="manual", pos_emb="rope", norm="rmsnorm")
 
 
@@ -94,10 +97,13 @@ def test_every_option_on_resumes_bit_exact_and_is_recorded(tiny_text_file, tmp_p
     la, lb = losses_by_step(tmp_path / "a"), losses_by_step(tmp_path / "b")
     assert {s: lb[s] for s in la} == la
     assert_same_weights(tmp_path / "a", tmp_path / "b")
+    ta, tb = (load_file(str(checkpoint_dir(r) / "training.safetensors")) for r in (tmp_path / "a", tmp_path / "b"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     meta = json.loads((tmp_path / "a" / "run.json").read_text())
     assert (meta["model"]["logit_softcap"], meta["model"]["zero_init_proj"], meta["model"]["bigram_embed"]) == (
         15.0, True, True)
-    assert (meta["train"]["muon_momentum_warmup"], meta["train"]["embed_lr_mult"]) == (8, 3.0)
+    assert (meta["train"]["muon_momentum_warmup"], meta["train"]["embed_lr_mult"], meta["train"]["ema_decay"]) == (
+        8, 3.0, 0.5)
 
 
 def test_the_momentum_warm_up_changes_the_run(tiny_text_file, tmp_path):
@@ -197,3 +203,77 @@ def test_the_bigram_input_learns_what_a_pair_predicts(tmp_path):
     off, on = losses_by_step(tmp_path / "off"), losses_by_step(tmp_path / "on")
     assert off[0] == on[0]  # the same model at step 0
     assert on[60][1] < off[60][1] - 0.3, (on, off)  # val loss: 0.55 against 1.07 here
+
+
+# --- the average of the weights (--ema-decay) --------------------------------------------------------
+
+
+def test_the_weight_average_is_the_bias_corrected_moving_average():
+    """After step t it is sum_k d^(t-k) (1-d) w_k / (1 - d^t): step 1's weights alone at first, never
+    pulled towards the initialisation."""
+    torch.manual_seed(0)
+    model, decay = torch.nn.Linear(5, 3), 0.9
+    average, seen = WeightAverage(model, decay), []
+    for t in range(1, 8):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p))
+        seen.append([p.detach().double().clone() for p in model.parameters()])
+        average.update(t)
+        norm = 1 - decay ** t
+        for i, held in enumerate(average.held):
+            expected = sum(decay ** (t - k) * (1 - decay) * w[i] for k, w in enumerate(seen, start=1)) / norm
+            torch.testing.assert_close(held.double(), expected, rtol=0, atol=1e-6)
+
+
+def test_the_average_swaps_in_and_out_without_copies():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    average = WeightAverage(model, 0.5)
+    trained = [p.detach().clone() for p in model.parameters()]
+    storage = [p.data_ptr() for p in model.parameters()]
+    with torch.no_grad():
+        for held in average.held:
+            held.mul_(2)  # an average that differs from the weights
+    with average.in_model():
+        assert all(torch.equal(p, 2 * w) for p, w in zip(model.parameters(), trained))
+        with average.in_model():  # re-entrant: still the average inside
+            assert all(torch.equal(p, 2 * w) for p, w in zip(model.parameters(), trained))
+        assert all(torch.equal(p, 2 * w) for p, w in zip(model.parameters(), trained))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), trained))
+    assert [p.data_ptr() for p in model.parameters()] == storage  # the optimizer's tensors, in place
+
+
+def test_a_run_with_the_average_trains_the_same_weights_and_keeps_their_average(tiny_text_file, tmp_path):
+    """--ema-decay changes nothing the optimizer sees (the training weights are those of a run
+    without it, bit for bit); the checkpoint's model is the average of the weights after each step,
+    and so is the model the run ends with."""
+    decay, steps = 0.5, 4
+
+    def run(out, max_iters, **flags):
+        return train(*tiny_configs(tiny_text_file, tmp_path / out, max_iters=max_iters, eval_interval=steps,
+                                   batch_size=8, eval_iters=2, **flags), log=lambda *_: None, note=lambda *_: None)
+
+    each_step = [weights(run(f"plain{k}", k).run_dir) for k in range(1, steps + 1)]  # constant lr: one path
+    result = run("ema", steps, ema_decay=decay)
+    training = load_file(str(checkpoint_dir(result.run_dir) / "training.safetensors"))
+    assert training.keys() == each_step[-1].keys()
+    assert all(torch.equal(training[k], each_step[-1][k]) for k in training)
+    average = weights(result.run_dir)
+    for name, got in average.items():
+        expected = sum(decay ** (steps - k) * (1 - decay) * w[name].double() for k, w in enumerate(each_step, 1))
+        torch.testing.assert_close(got.double(), expected / (1 - decay ** steps), rtol=0, atol=1e-6)
+    assert sum(not torch.equal(average[k], training[k]) for k in average) == len(average)  # every tensor moved
+    in_memory = dict(result.model.named_parameters())
+    assert all(torch.equal(in_memory[k].detach(), average[k]) for k in average)
+
+
+def test_resuming_an_averaged_run_without_its_training_weights_is_refused(tiny_text_file, tmp_path):
+    args = tiny_args(tiny_text_file, tmp_path / "run", ema_decay=0.9, max_iters=4, eval_interval=2, batch_size=8,
+                     eval_iters=2)
+    assert cli("train", *args).code == 0
+    (checkpoint_dir(tmp_path / "run") / "training.safetensors").unlink()
+    kept = weights(tmp_path / "run")
+    r = cli("train", "--resume", tmp_path / "run", "--max-iters", 6)
+    assert_one_line_error(r, "training.safetensors is missing or damaged", "--init-from")
+    assert all(torch.equal(kept[k], v) for k, v in weights(tmp_path / "run").items())  # nothing overwritten

@@ -6,7 +6,8 @@
       metrics.jsonl          one JSON line per loss report
       latest.json, best.json pointers to the newest and the best-val checkpoint
       checkpoints/step_000500/
-        model.safetensors    weights (float32, the uncompiled module's names)
+        model.safetensors    weights (float32, the uncompiled module's names); with --ema-decay, their average
+        training.safetensors with --ema-decay only: the weights the optimizer steps (for --resume)
         optimizer.pt         optimizer state: tensors and numbers only (loaded weights_only)
         state.json           step, best val loss, schedule position, every RNG state
 
@@ -38,6 +39,7 @@ from tinygpt.model import regrow_bigram
 from tinygpt.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1
+TRAINING_WEIGHTS = "training.safetensors"  # --ema-decay: the weights the optimizer steps
 
 
 # --- atomic file writes ------------------------------------------------------------------------
@@ -203,8 +205,11 @@ def model_state(model: torch.nn.Module) -> dict:
     return out
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, best: bool) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, best: bool,
+                    training_weights: dict | None = None) -> Path:
     """Write checkpoints/step_N atomically, point latest.json (and best.json) at it, prune old.
+    `training_weights`: with --ema-decay, model.safetensors holds the average (the run's model)
+    and training.safetensors these, the weights the optimizer steps (for --resume).
 
     All or nothing: when a write fails (OSError: disk full, read-only), the run directory is
     left as it was before the call, its previous checkpoint and pointers untouched, no partial
@@ -221,6 +226,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, bes
     try:
         tmp.mkdir()
         _write_weights(model_state(model), tmp / "model.safetensors")
+        if training_weights is not None:
+            _write_weights(training_weights, tmp / TRAINING_WEIGHTS)
         write_file(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
         write_file(tmp / "state.json", json.dumps(state) + "\n")
         fsync_dir(tmp)
@@ -421,6 +428,17 @@ def load_run(run_dir: str | Path, which: str = "latest", device: str | torch.dev
     device = torch.device(device)
     model.set_attention(resolve_attention(model_cfg.attention, device))  # "auto": the kernel for this device
     return model.to(device).eval(), tokenizer
+
+
+def load_training_weights(ckpt: Path) -> dict:
+    """A checkpoint's training weights (--ema-decay), refusing (one line) a missing or damaged file."""
+    path = ckpt / TRAINING_WEIGHTS
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is missing or damaged ({e}): an --ema-decay run resumes from the weights its "
+                        "optimizer steps, kept there; start the run again, or fine-tune its model (the average) "
+                        "with --init-from") from None
 
 
 def load_training_state(ckpt: Path, optimizer) -> dict:

@@ -160,6 +160,10 @@ class TrainConfig:
         "(modded-nanogpt gives embeddings a far higher rate than the head)", gt=0)
     weight_decay: float = setting(0.01, "AdamW weight decay on matrices (not biases, norms, embeddings); Muon's "
                                   "decoupled weight decay too", ge=0)
+    ema_decay: float = setting(
+        0.0, "keep an exponential moving average of the weights with this decay (0.99: about the last 100 steps, "
+        "bias-corrected from step 1) and make it the run's model: the loss reports, checkpoints, final figure and "
+        "samples all use the average (0 = off)", ge=0, lt=1)
     beta1: float = setting(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = setting(0.999, "AdamW beta2", ge=0, lt=1)
     grad_clip: float = setting(0.0, "clip gradient norm to this value (0 = off)", ge=0)

@@ -19,6 +19,7 @@ run's choice (bfloat16 where the run computes in it, float32 otherwise). The upd
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -319,3 +320,58 @@ def clip_grad_norm(model, clip: float) -> float:
     if clip > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, clip))
     return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (--ema-decay), the run's model when on.
+
+    After optimizer step t, average_t = average_{t-1} + (w_t - average_{t-1}) * (1 - d) / (1 - d^t):
+    the bias-corrected EMA, so step 1's average is w_1 and every later one is a d-weighted mean
+    of the weights seen so far, never pulled towards the initialisation. It holds the other set
+    of weights: the average while the model trains, the training weights while `in_model()` has
+    swapped the average in (reports, checkpoints, the final evaluation). Swapping exchanges the
+    tensors' storage, no copies, and puts the training weights back in their own storage."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.named = [(name, p) for name, p in model.named_parameters()]
+        self.held = [p.detach().clone() for _, p in self.named]  # before step 1: the weights themselves
+        self.swapped = False
+
+    def update(self, step: int) -> None:
+        """Fold in the weights after optimizer step `step` (counted from 1)."""
+        assert not self.swapped, "update the average with the training weights in the model"
+        weight = (1 - self.decay) / (1 - self.decay ** step)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.held, [p.detach() for _, p in self.named], weight)
+
+    def swap(self) -> None:
+        with torch.no_grad():
+            for i, (_, p) in enumerate(self.named):
+                p.data, self.held[i] = self.held[i], p.data
+        self.swapped = not self.swapped
+
+    @contextmanager
+    def in_model(self):
+        """A context in which the model holds the average (re-entrant: inside another, nothing changes)."""
+        outer = not self.swapped
+        if outer:
+            self.swap()
+        try:
+            yield
+        finally:
+            if outer:
+                self.swap()
+
+    def training_weights(self) -> dict:
+        """The training weights by name, as a checkpoint stores them (the model holds the average)."""
+        assert self.swapped
+        return {name: t.detach().to("cpu", torch.float32).contiguous() for (name, _), t in zip(self.named, self.held)}
+
+    def load_training_weights(self, state: dict) -> None:
+        """Resume: the model holds the average (its checkpoint's model.safetensors); take it as the
+        average and put `state`'s training weights in the model."""
+        with torch.no_grad():
+            for i, (name, p) in enumerate(self.named):
+                self.held[i].copy_(p)
+                p.copy_(state[name])

@@ -12,6 +12,7 @@ is saved, and the run resumes from there as if never stopped. Settings come reso
 `runs.settings_from_flags`); this file only runs them.
 """
 
+import contextlib
 import math
 import sys
 import time
@@ -30,7 +31,16 @@ from tinygpt.distributed import SINGLE, Distributed
 from tinygpt.errors import UserError
 from tinygpt.evaluate import estimate_loss, final_eval, final_eval_batch
 from tinygpt.model import build_model
-from tinygpt.optim import clip_grad_norm, fit_horizon, lr_at, make_optimizer, momentum_at, set_lr, set_momentum
+from tinygpt.optim import (
+    WeightAverage,
+    clip_grad_norm,
+    fit_horizon,
+    lr_at,
+    make_optimizer,
+    momentum_at,
+    set_lr,
+    set_momentum,
+)
 from tinygpt.progress import Progress, time_probe
 from tinygpt.runtime import (
     autocast,
@@ -100,6 +110,8 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
     model_cfg, model, optimizer, sampler, state, run_dir = s.model_cfg, s.model, s.optimizer, s.sampler, s.state, \
         s.run_dir
     device, dtype, start_step, reported_at_start, scaler = s.device, s.dtype, state.step, state.reported, s.scaler
+    average = s.average  # --ema-decay: the average of the weights is the run's model
+    as_the_model = average.in_model if average else contextlib.nullcontext
     runner = dist.wrap(model, cfg.seed)
     runner = torch.compile(runner) if cfg.compile else runner
     splits = {"train": s.corpus.train, "val": s.corpus.val}
@@ -114,10 +126,16 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
     def save(is_best: bool, reported: bool = True) -> None:
         nonlocal saved_step
         state.reported = reported
-        ckpt.save_checkpoint(run_dir, state.step, model, optimizer, _state_json(state, sampler, scaler), is_best)
+        with as_the_model():
+            ckpt.save_checkpoint(run_dir, state.step, model, optimizer, _state_json(state, sampler, scaler), is_best,
+                                 average.training_weights() if average else None)
         saved_step = state.step
 
     def report() -> None:  # step `state.step`'s loss report, its metrics line and its checkpoint
+        with as_the_model():
+            _report()
+
+    def _report() -> None:
         step = state.step
         with progress.phase(f"step {step} loss estimate", 2 * cfg.eval_iters, s.timing["estimate"]) as ph:
             losses = estimate_loss(model, splits, model_cfg.block_size, cfg.batch_size, cfg.eval_iters, device,
@@ -193,6 +211,8 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
                     optimizer.zero_grad(set_to_none=True)
                     state.skipped_steps += scale is not None and scaler.get_scale() < scale  # it backed off
                     state.step, phase, dt = state.step + 1, "report", time.perf_counter() - t0
+                    if average:
+                        average.update(state.step)
                     state.train_seconds += dt
                     session_seconds += dt if state.step - start_step > WARM_UP else 0.0
                 if scale is not None and scaler.get_scale() < MIN_LOSS_SCALE:
@@ -204,6 +224,8 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
             phase = "final"
             progress.close()
             result.step = state.step
+            if average:  # from here on the model is the average
+                average.swap()
             if cfg.final_eval and dist.is_main:
                 _final_report(result, model, s.corpus, model_cfg, device, dtype, state, progress, s.timing, t_start,
                               log)
@@ -241,6 +263,7 @@ class _Setup:
     state: LoopState
     timing: dict
     scaler: torch.amp.GradScaler
+    average: WeightAverage | None
 
 
 def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note) -> _Setup:
@@ -282,6 +305,7 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
         model.to(device)
         model.set_attention(kernel)
         optimizer = make_optimizer(model, cfg, ns_dtype)
+        average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     scaler = grad_scaler(dtype, device)
     if chat:
         sampler = ChatSampler(corpus.train, cfg.batch_size, cfg.seed, cfg.grad_accum, rank=dist.rank, world=dist.world)
@@ -295,6 +319,8 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
         latest = ckpt.checkpoint_dir(run_dir, "latest")
         ckpt.load_weights(latest / "model.safetensors", model)
         saved = ckpt.load_training_state(latest, optimizer)
+        if average:  # model.safetensors holds the average; the model trains on from the training weights
+            average.load_training_weights(ckpt.load_training_weights(latest))
         sampler.load_state_dict(ckpt.restore_rng(saved["rng"]))
         state = LoopState(saved["step"], saved["best_val"], saved.get("best_step"), saved.get("stale_reports", 0),
                           saved.get("train_seconds", 0.0), saved.get("reported", True), saved.get("skipped_steps", 0),
@@ -315,7 +341,7 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
              f"({timing['step']:.2g} s a step, {timing['estimate']:.0f} s a loss estimate; from a timed probe). "
              "For a result in minutes: --preset cpu-quick (or cpu-10min), or a GPU")
     return _Setup(model_cfg, tokenizer, corpus, device, dtype, model, optimizer, sampler, run_dir, state, timing,
-                  scaler)
+                  scaler, average)
 
 
 class Memorising:
