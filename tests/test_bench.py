@@ -2,6 +2,7 @@
 never times what the hardware can only emulate."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,27 @@ def test_window_loss_scores_each_rule_and_the_whole_split(trained_run, tmp_path)
     e = cli("eval", "--ckpt", trained_run, "--json")
     assert got["whole_split"] == pytest.approx(json.loads(e.out)["val"]["loss"], abs=1e-4)
     assert got["chunked"] != got["full"]
+
+
+def test_weight_average_benchmark_scores_what_ema_decay_trains(tiny_text_file, tmp_path):
+    """benchmarks/weight_average.py keeps its averages beside a run; from step 0 its row for a
+    decay is the model a run with --ema-decay of that decay ends with, to the printed digit."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, tiny_args
+
+    flags = dict(max_iters=6, eval_interval=3, batch_size=8, eval_iters=2, final_eval=True)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "weight_average.py"), "--decays", "0.5,0.9",
+                        "--start", "0", *tiny_args(tiny_text_file, tmp_path / "plain", **flags)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = dict(re.findall(r"^\| (.+?) \| ([\d.]+) \|", r.stdout, re.M))
+    assert "6 steps; averages of the weights after steps 1-6" in r.stdout
+    plain = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows["the run's last model"] == f"{plain['last_val_loss']:.4f}"
+    for decay in ("0.5", "0.9"):
+        assert cli("train", *tiny_args(tiny_text_file, tmp_path / decay, **flags, ema_decay=float(decay))).code == 0
+        averaged = json.loads((tmp_path / decay / "metrics.jsonl").read_text().splitlines()[-1])
+        assert rows[f"average, decay {decay}"] == f"{averaged['last_val_loss']:.4f}"
+    assert rows["average, decay 0.5"] != rows["the run's last model"]
