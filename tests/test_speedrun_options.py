@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from conftest import assert_one_line_error, assert_same_weights, cli, losses_by_step, tiny_args, tiny_configs, weights
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tinygpt.checkpoint import checkpoint_dir
 from tinygpt.config import ModelConfig, TrainConfig
@@ -268,12 +268,19 @@ def test_a_run_with_the_average_trains_the_same_weights_and_keeps_their_average(
     assert all(torch.equal(in_memory[k].detach(), average[k]) for k in average)
 
 
-def test_resuming_an_averaged_run_without_its_training_weights_is_refused(tiny_text_file, tmp_path):
+@pytest.mark.parametrize("damage", ["missing", "foreign"])
+def test_resuming_an_averaged_run_without_its_training_weights_is_refused(tiny_text_file, tmp_path, damage):
     args = tiny_args(tiny_text_file, tmp_path / "run", ema_decay=0.9, max_iters=4, eval_interval=2, batch_size=8,
                      eval_iters=2)
     assert cli("train", *args).code == 0
-    (checkpoint_dir(tmp_path / "run") / "training.safetensors").unlink()
+    training = checkpoint_dir(tmp_path / "run") / "training.safetensors"
+    training.unlink()
+    if damage == "foreign":
+        save_file({"other.weight": torch.zeros(3, 3)}, str(training))
     kept = weights(tmp_path / "run")
     r = cli("train", "--resume", tmp_path / "run", "--max-iters", 6)
-    assert_one_line_error(r, "training.safetensors is missing or damaged", "--init-from")
+    if damage == "missing":
+        assert_one_line_error(r, "training.safetensors is missing or damaged", "--init-from")
+    else:
+        assert_one_line_error(r, "training weights do not fit its model", "'token_embedding_table.weight'")
     assert all(torch.equal(kept[k], v) for k, v in weights(tmp_path / "run").items())  # nothing overwritten

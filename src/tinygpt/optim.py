@@ -371,7 +371,11 @@ class WeightAverage:
     def load_training_weights(self, state: dict) -> None:
         """Resume: the model holds the average (its checkpoint's model.safetensors); take it as the
         average and put `state`'s training weights in the model."""
-        with torch.no_grad():
-            for i, (name, p) in enumerate(self.named):
-                self.held[i].copy_(p)
-                p.copy_(state[name])
+        try:
+            with torch.no_grad():
+                for i, (name, p) in enumerate(self.named):
+                    self.held[i].copy_(p)
+                    p.copy_(state[name])
+        except (KeyError, RuntimeError) as e:  # another model's weights
+            raise UserError(f"the checkpoint's training weights do not fit its model ({e}); the checkpoint is "
+                            "damaged") from None

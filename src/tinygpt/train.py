@@ -210,9 +210,9 @@ def train(model_cfg: C.ModelConfig, cfg: C.TrainConfig, log=print, note=note_on_
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     state.skipped_steps += scale is not None and scaler.get_scale() < scale  # it backed off
-                    state.step, phase, dt = state.step + 1, "report", time.perf_counter() - t0
                     if average:
-                        average.update(state.step)
+                        average.update(state.step + 1)
+                    state.step, phase, dt = state.step + 1, "report", time.perf_counter() - t0
                     state.train_seconds += dt
                     session_seconds += dt if state.step - start_step > WARM_UP else 0.0
                 if scale is not None and scaler.get_scale() < MIN_LOSS_SCALE:
