@@ -184,6 +184,29 @@ def test_a_grown_vocabulary_keeps_each_pairs_vector():
     assert not grown.view(6, 5, 2)[4:].any() and not grown.view(6, 5, 2)[:, 3:].any()  # pairs with a new token: zero
 
 
+
+@pytest.mark.parametrize("old_vocab, new_vocab", [(200, 300), (300, 310)])  # exact -> hashed, hashed -> hashed
+def test_a_vocabulary_grown_past_the_exact_table_keeps_each_pairs_vector(old_vocab, new_vocab):
+    """Looked up through the new table, every old pair reads its old row, averaged only with the
+    other old pairs that now share its row; pairs with a new token read only what old pairs left."""
+    from tinygpt.model import bigram_index, bigram_rows, regrow_bigram
+
+    torch.manual_seed(0)
+    old = torch.randn(bigram_rows(old_vocab), 3)
+    grown = regrow_bigram(old, old_vocab, new_vocab)
+    assert grown.shape == (bigram_rows(new_vocab), 3) == (65536, 3)
+    prev = torch.arange(-1, old_vocab).repeat_interleave(old_vocab)
+    tok = torch.arange(old_vocab).repeat(old_vocab + 1)
+    src, dst = bigram_index(prev, tok, old_vocab), bigram_index(prev, tok, new_vocab)
+    sharing = torch.bincount(dst, minlength=len(grown))
+    alone = sharing[dst] == 1
+    assert alone.sum() > 1000  # most old pairs have a row of their own
+    assert torch.equal(grown[dst[alone]], old[src[alone]])
+    assert (~alone).any() == (old_vocab > 255)  # hashed -> hashed: 90,300 old pairs in 65,536 rows
+    for shared in dst[~alone][:50].tolist():  # a row several old pairs now share: their mean
+        torch.testing.assert_close(grown[shared], old[src[dst == shared]].mean(0))
+    assert not grown[sharing == 0].any()  # rows only new pairs reach start at zero
+
 def test_the_bigram_input_learns_what_a_pair_predicts(tmp_path):
     """A text where the next character is set by the last two: a one-layer model with the bigram
     input learns it in fewer steps than the same model (same seed, same batches) without it."""
