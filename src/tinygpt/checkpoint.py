@@ -430,15 +430,14 @@ def load_run(run_dir: str | Path, which: str = "latest", device: str | torch.dev
     return model.to(device).eval(), tokenizer
 
 
-def load_training_weights(ckpt: Path) -> dict:
-    """A checkpoint's training weights (--ema-decay), refusing (one line) a missing or damaged file."""
+def load_training_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    """A checkpoint's training weights (--ema-decay) into `model`, refusing (one line) a
+    checkpoint without them, or with damaged ones."""
     path = ckpt / TRAINING_WEIGHTS
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is missing or damaged ({e}): an --ema-decay run resumes from the weights its "
-                        "optimizer steps, kept there; start the run again, or fine-tune its model (the average) "
-                        "with --init-from") from None
+    if not path.is_file():
+        raise UserError(f"{path} is missing: an --ema-decay run resumes from the weights its optimizer steps, "
+                        "kept there; start the run again, or fine-tune its model (the average) with --init-from")
+    load_weights(path, model)
 
 
 def load_training_state(ckpt: Path, optimizer) -> dict:

@@ -367,15 +367,3 @@ class WeightAverage:
         """The training weights by name, as a checkpoint stores them (the model holds the average)."""
         assert self.swapped
         return {name: t.detach().to("cpu", torch.float32).contiguous() for (name, _), t in zip(self.named, self.held)}
-
-    def load_training_weights(self, state: dict) -> None:
-        """Resume: the model holds the average (its checkpoint's model.safetensors); take it as the
-        average and put `state`'s training weights in the model."""
-        try:
-            with torch.no_grad():
-                for i, (name, p) in enumerate(self.named):
-                    self.held[i].copy_(p)
-                    p.copy_(state[name])
-        except (KeyError, RuntimeError) as e:  # another model's weights
-            raise UserError(f"the checkpoint's training weights do not fit its model ({e}); the checkpoint is "
-                            "damaged") from None

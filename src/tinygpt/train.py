@@ -318,9 +318,10 @@ def _setup(model_cfg: C.ModelConfig, cfg: C.TrainConfig, dist: Distributed, note
         runs.check_world_size(meta, run_dir, dist.world)
         latest = ckpt.checkpoint_dir(run_dir, "latest")
         ckpt.load_weights(latest / "model.safetensors", model)
+        if average:  # that was the average; the model trains on from the optimizer's weights, kept beside it
+            average = WeightAverage(model, cfg.ema_decay)
+            ckpt.load_training_weights(latest, model)
         saved = ckpt.load_training_state(latest, optimizer)
-        if average:  # model.safetensors holds the average; the model trains on from the training weights
-            average.load_training_weights(ckpt.load_training_weights(latest))
         sampler.load_state_dict(ckpt.restore_rng(saved["rng"]))
         state = LoopState(saved["step"], saved["best_val"], saved.get("best_step"), saved.get("stale_reports", 0),
                           saved.get("train_seconds", 0.0), saved.get("reported", True), saved.get("skipped_steps", 0),
