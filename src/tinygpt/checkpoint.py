@@ -194,6 +194,11 @@ def write_run_files(run_dir: Path, model_cfg, train_cfg, tokenizer, extra: dict 
     write_json(run_dir / "tokenizer.json", tokenizer.to_json())
 
 
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as a checkpoint stores it: float32, contiguous, on the CPU."""
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
 def model_state(model: torch.nn.Module) -> dict:
     """float32, contiguous, with tied tensors stored once (safetensors refuses shared memory)."""
     out, seen = {}, set()
@@ -201,7 +206,7 @@ def model_state(model: torch.nn.Module) -> dict:
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
-        out[name] = t.detach().to("cpu", torch.float32).contiguous()
+        out[name] = _stored(t)
     return out
 
 
@@ -227,7 +232,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, bes
         tmp.mkdir()
         _write_weights(model_state(model), tmp / "model.safetensors")
         if training_weights is not None:
-            _write_weights(training_weights, tmp / TRAINING_WEIGHTS)
+            _write_weights({name: _stored(t) for name, t in training_weights.items()}, tmp / TRAINING_WEIGHTS)
         write_file(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
         write_file(tmp / "state.json", json.dumps(state) + "\n")
         fsync_dir(tmp)

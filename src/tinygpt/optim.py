@@ -364,6 +364,6 @@ class WeightAverage:
                 self.swap()
 
     def training_weights(self) -> dict:
-        """The training weights by name, as a checkpoint stores them (the model holds the average)."""
+        """The training weights by name (the model holds the average)."""
         assert self.swapped
-        return {name: t.detach().to("cpu", torch.float32).contiguous() for (name, _), t in zip(self.named, self.held)}
+        return {name: t for (name, _), t in zip(self.named, self.held)}
