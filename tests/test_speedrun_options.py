@@ -24,7 +24,7 @@ SMALL = dict(vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16, dropo
 def test_the_options_are_off_by_default():
     m, t = ModelConfig(), TrainConfig()
     assert (m.logit_softcap, m.zero_init_proj, m.bigram_embed, t.muon_momentum_warmup, t.embed_lr_mult,
-            t.ema_decay) == (0.0, False, False, 0, 1.0, 0.0)
+            t.ema_decay, t.muon_split_qkv) == (0.0, False, False, 0, 1.0, 0.0, False)
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
@@ -82,8 +82,37 @@ def test_embeddings_learn_at_their_own_rate_only_when_asked():
     assert not emb & {id(p) for g in groups[:2] for p in g["params"]}
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_muon_orthogonalises_query_key_and_value_apart_only_when_asked(split):
+    """Split: the fused projection's update is its three (C, C) blocks' polar factors one under the
+    other, each at scale 1 (square); whole: the (3C, C) matrix's, at sqrt(3). Every other matrix's
+    update is the same either way."""
+    from tinygpt.optim import make_optimizer, orthogonalize
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", muon_lr=0.1, weight_decay=0.0, muon_split_qkv=split))
+    opt.muon.step()
+    for name, p in model.named_parameters():
+        if not (name.startswith("blocks.") and p.dim() == 2):
+            continue
+        g = grads[name].lerp(grads[name] * 0.05, 0.95)  # Nesterov look-ahead from a zero momentum buffer
+        if name.endswith("attn.c_attn.weight") and split:
+            expected = torch.cat([orthogonalize(q) for q in g.chunk(3)])
+        else:
+            expected = orthogonalize(g) * max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+        torch.testing.assert_close(before[name] - p.detach(), 0.1 * expected, rtol=1e-4, atol=1e-6)
+    step = (before["blocks.0.attn.c_attn.weight"] - model.blocks[0].attn.c_attn.weight.detach()) / 0.1
+    sv = [torch.linalg.svdvals(m) for m in (step.chunk(3) if split else [step / 3**0.5])]
+    assert all(s.min() > 0.6 and s.max() < 1.3 for s in sv)  # each one orthogonalised, or the three as one
+
+
 ALL_ON = dict(optimizer="muon", logit_softcap=15.0, zero_init_proj=True, muon_momentum_warmup=8, dropout=0.1,
-              embed_lr_mult=3.0, bigram_embed=True, ema_decay=0.5,
+              embed_lr_mult=3.0, bigram_embed=True, ema_decay=0.5, muon_split_qkv=True,
               batch_size=8, eval_iters=2, attention="manual", pos_emb="rope", norm="rmsnorm")
 
 
@@ -102,8 +131,8 @@ def test_every_option_on_resumes_bit_exact_and_is_recorded(tiny_text_file, tmp_p
     meta = json.loads((tmp_path / "a" / "run.json").read_text())
     assert (meta["model"]["logit_softcap"], meta["model"]["zero_init_proj"], meta["model"]["bigram_embed"]) == (
         15.0, True, True)
-    assert (meta["train"]["muon_momentum_warmup"], meta["train"]["embed_lr_mult"], meta["train"]["ema_decay"]) == (
-        8, 3.0, 0.5)
+    assert (meta["train"]["muon_momentum_warmup"], meta["train"]["embed_lr_mult"], meta["train"]["ema_decay"],
+            meta["train"]["muon_split_qkv"]) == (8, 3.0, 0.5, True)
 
 
 def test_the_momentum_warm_up_changes_the_run(tiny_text_file, tmp_path):

@@ -181,9 +181,12 @@ class Muon(_Optimizer):
     STATE = ("momentum_buffer",)
 
     def __init__(self, param_groups, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
-                 ns_dtype: torch.dtype = torch.float32):
+                 ns_dtype: torch.dtype = torch.float32, splits: dict | None = None):
         super().__init__(param_groups, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
         self.ns_dtype = ns_dtype
+        # parameter -> k: its rows are k matrices stacked (a fused q/k/v projection), each orthogonalised
+        # and scaled on its own (modded-nanogpt's separate Q, K and V); not in the state dict
+        self.splits = splits or {}
         for p in (p for g in self.param_groups for p in g["params"]):
             if p.dim() != 2:
                 raise ValueError(f"Muon takes matrices only; got a parameter of shape {tuple(p.shape)}")
@@ -200,12 +203,15 @@ class Muon(_Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # buf = mu buf + (1 - mu) g
                 todo.append((p, group, p.grad.lerp(buf, mu)))  # Nesterov: look one step ahead
-        updates = orthogonalize_all([ahead for _, _, ahead in todo], self.ns_dtype)
-        for (p, group, _), update in zip(todo, updates):
+        pieces = [ahead.chunk(self.splits.get(p, 1)) for p, _, ahead in todo]
+        updates = iter(orthogonalize_all([m for ms in pieces for m in ms], self.ns_dtype))
+        for (p, group, _), ms in zip(todo, pieces):
             lr, wd = group["lr"], group["weight_decay"]
             if wd:
                 p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
+            rows, cols = ms[0].shape
+            update = torch.cat([next(updates) for _ in ms]) if len(ms) > 1 else next(updates)
+            p.add_(update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
 
 class MuonAdamW:
@@ -261,8 +267,10 @@ def make_optimizer(model, cfg, ns_dtype: torch.dtype = torch.float32):
         raise UserError("--optimizer muon trains the transformer blocks' matrices, and this model has none "
                         "(the bigram): use --optimizer adamw")
     lr_scale = cfg.muon_lr / cfg.learning_rate
+    splits = {p: 3 for name, p in model.named_parameters() if name.endswith(".attn.c_attn.weight")
+              and name.startswith("blocks.")} if cfg.muon_split_qkv else {}
     return MuonAdamW(Muon([{"params": muon, "lr_scale": lr_scale}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                          weight_decay=cfg.weight_decay, ns_dtype=ns_dtype), adamw)
+                          weight_decay=cfg.weight_decay, ns_dtype=ns_dtype, splits=splits), adamw)
 
 
 def set_lr(optimizer, lr: float) -> None:
