@@ -156,8 +156,8 @@ class TrainConfig:
         0, "Muon's momentum goes linearly from 0.85 to --muon-momentum over this many first steps (modded-nanogpt's "
         "warm-up; 0 = off)", ge=0)
     muon_split_qkv: bool = setting(
-        False, "Muon orthogonalises the fused query/key/value projection as three matrices, each on its own "
-        "(modded-nanogpt's separate Q, K and V), instead of as one")
+        False, "--optimizer muon: orthogonalise the fused query/key/value projection as three matrices, each on its "
+        "own (modded-nanogpt's separate Q, K and V), instead of as one")
     embed_lr_mult: float = setting(
         1.0, "the embedding tables (token, position, bigram) learn at this multiple of --learning-rate "
         "(modded-nanogpt gives embeddings a far higher rate than the head)", gt=0)
