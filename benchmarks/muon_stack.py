@@ -14,7 +14,7 @@ import torch
 
 from tinygpt import config as C
 from tinygpt.model import build_model
-from tinygpt.optim import orthogonalize, orthogonalize_all
+from tinygpt.optim import FUSED_QKV, orthogonalize, orthogonalize_all
 
 
 def ms(fn, repeats: int = 30) -> float:
@@ -37,7 +37,7 @@ def main() -> None:
         named = [(n, torch.randn_like(p)) for n, p in model.named_parameters()
                  if n.startswith("blocks.") and p.dim() == 2]
         gs = [g for _, g in named]
-        apart = [m for n, g in named for m in (g.chunk(3) if n.endswith(".attn.c_attn.weight") else [g])]
+        apart = [m for n, g in named for m in (g.chunk(3) if n.endswith(FUSED_QKV) else [g])]
         for dtype in (torch.float32, torch.bfloat16):
             single = ms(lambda dtype=dtype, gs=gs: [orthogonalize(g, dtype) for g in gs])
             stacked = ms(lambda dtype=dtype, gs=gs: orthogonalize_all(gs, dtype))

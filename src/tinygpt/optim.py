@@ -240,16 +240,22 @@ class MuonAdamW:
         self.adamw.load_state_dict(state_dict["adamw"])
 
 
+FUSED_QKV = ".attn.c_attn.weight"  # a block's query, key and value projections, stacked (3C, C)
+
+
 def make_optimizer(model, cfg, ns_dtype: torch.dtype = torch.float32):
     """The optimizer a `TrainConfig` asks for. AdamW: weight decay only on matrices that multiply
     activations (not biases, norms or embedding tables). Muon: the blocks' weight matrices, at
     `muon_lr` (the schedule scales both by the same factor); AdamW for everything else."""
     muon, decay, no_decay, embeddings = [], [], [], []
+    splits = {}  # --muon-split-qkv: the fused projections, each orthogonalised as its three blocks
     apart = cfg.embed_lr_mult != 1.0  # their own group only then: older runs' optimizer state keeps its layout
     for name, p in model.named_parameters():
         is_embedding = "embedding_table" in name
         if cfg.optimizer == "muon" and name.startswith("blocks.") and p.dim() == 2:
             muon.append(p)
+            if cfg.muon_split_qkv and name.endswith(FUSED_QKV):
+                splits[p] = 3
         elif is_embedding and apart:
             embeddings.append(p)
         else:
@@ -267,8 +273,6 @@ def make_optimizer(model, cfg, ns_dtype: torch.dtype = torch.float32):
         raise UserError("--optimizer muon trains the transformer blocks' matrices, and this model has none "
                         "(the bigram): use --optimizer adamw")
     lr_scale = cfg.muon_lr / cfg.learning_rate
-    splits = {p: 3 for name, p in model.named_parameters() if name.endswith(".attn.c_attn.weight")
-              and name.startswith("blocks.")} if cfg.muon_split_qkv else {}
     return MuonAdamW(Muon([{"params": muon, "lr_scale": lr_scale}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
                           weight_decay=cfg.weight_decay, ns_dtype=ns_dtype, splits=splits), adamw)
 
